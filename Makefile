@@ -1,0 +1,28 @@
+# One command each on a fresh Debian machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= /var/lib/dataplane
+export DATA_DIR
+
+.PHONY: setup run test lint bench clean
+
+setup:
+	@VENV=$(VENV) scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/dataplane
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) scripts/bench/api.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -1,0 +1,8 @@
+"""The dataplane service edge: HTTP, auth, contract validation, logs and the CLI."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("dataplane")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"

@@ -1,0 +1,82 @@
+"""Bearer authentication: a static token (``AUTH_TOKEN``) and/or HS256 JWTs (``JWT_SECRET``).
+
+Runs before contract validation so an unauthenticated caller learns nothing about
+the API beyond 401. Operations the spec marks ``security: []`` (health, probes,
+spec, docs) stay open; everything else, including unknown routes, needs a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+import jwt
+
+from dataplane.asgi import ASGIApp, Receive, Scope, Send, header, send_error
+from dataplane.spec import Spec
+
+log = logging.getLogger("dataplane.auth")
+
+_CHALLENGE = 'Bearer realm="dataplane"'
+
+
+class _Rejected(Exception):
+    pass
+
+
+@dataclass
+class AuthMiddleware:
+    app: ASGIApp
+    spec: Spec
+    token: str | None
+    jwt_secret: str | None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not (self.token or self.jwt_secret):
+            await self.app(scope, receive, send)
+            return
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        match = self.spec.match(scope["method"], raw_path.split("?", 1)[0])
+        if match is not None and match.operation.open:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self._check(header(scope, b"authorization"))
+        except _Rejected as rejected:
+            await send_error(
+                send,
+                401,
+                "unauthorized",
+                str(rejected),
+                headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, authorization: str | None) -> None:
+        if not authorization:
+            raise _Rejected("missing bearer token: send 'Authorization: Bearer <token>'")
+        scheme, _, credentials = authorization.partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() != "bearer" or not credentials:
+            raise _Rejected("the Authorization header must be 'Bearer <token>'")
+        if self.token and hmac.compare_digest(credentials.encode(), self.token.encode()):
+            return
+        if self.jwt_secret and credentials.count(".") == 2:
+            try:
+                jwt.decode(
+                    credentials,
+                    self.jwt_secret,
+                    algorithms=["HS256"],
+                    options={"require": ["exp"]},
+                )
+                return
+            except jwt.ExpiredSignatureError:
+                raise _Rejected("the token has expired") from None
+            except jwt.MissingRequiredClaimError:
+                raise _Rejected("the token has no 'exp' claim") from None
+            except jwt.InvalidTokenError as error:
+                log.info("rejected a JWT: %s", error)
+                raise _Rejected("invalid token") from None
+        raise _Rejected("invalid token")

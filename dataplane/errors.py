@@ -1,0 +1,125 @@
+"""Every error leaves the server in one shape: ``{"code", "message", "details"?}``.
+
+:class:`ApiError` is what handlers raise. The exception handlers here turn it,
+Litestar's own HTTP exceptions (unknown route, wrong method, bad parameters) and
+anything unexpected into that shape. Domain errors from ``managers`` are mapped
+to HTTP in one table, :data:`DOMAIN_ERRORS`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+log = logging.getLogger("dataplane.errors")
+
+JSON = "application/json"
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and a human message."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
+
+
+def error_response(error: ApiError) -> Response[bytes]:
+    return Response(
+        content=error_body(error.code, error.message, error.details),
+        status_code=error.status,
+        media_type=JSON,
+        headers=error.headers,
+    )
+
+
+# Domain exception type -> (status, code). Filled as subsystems land; the most
+# specific class wins because lookups walk the exception's MRO.
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {}
+
+
+_STATUS_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    502: "bad_gateway",
+    503: "unavailable",
+}
+
+
+def _code_for_status(status: int) -> str:
+    return _STATUS_CODES.get(status, "internal_error" if status >= 500 else "client_error")
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
+    return error_response(exc)
+
+
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own answers (404, 405, 400 for bad parameters) in our shape."""
+    status = exc.status_code
+    if status == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = _plain(exc.detail) or "request failed"
+    details: dict[str, Any] | None = None
+    extra = getattr(exc, "extra", None)
+    if extra:
+        details = {"errors": extra if isinstance(extra, list) else [extra]}
+    headers = dict(exc.headers or {})
+    return error_response(ApiError(status, _code_for_status(status), message, details, headers))
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    for cls in type(exc).__mro__:
+        mapped = DOMAIN_ERRORS.get(cls)
+        if mapped is not None:
+            status, code = mapped
+            details = getattr(exc, "details", None)
+            return error_response(
+                ApiError(status, code, str(exc), details if isinstance(details, dict) else None)
+            )
+    log.exception("unhandled error serving %s %s", request.method, request.url.path)
+    return error_response(ApiError(500, "internal_error", "internal server error"))
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    ApiError: handle_api_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,245 @@
+"""Settings from the environment, validated once at start-up.
+
+A bad value raises :class:`SettingsError` whose message is one line naming the
+variable, what it must be, and what it was; the CLI prints that line and exits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
+LogFormat = Literal["json", "console"]
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_HYPERVISORS = ("auto", "cloud-hypervisor", "qemu")
+_LOG_FORMATS = ("json", "console")
+_DEFAULT_SUBNET = ipaddress.IPv4Network("192.168.100.0/24")
+_DEFAULT_GATEWAY = ipaddress.IPv4Address("192.168.100.1")
+_DEFAULT_DNS = ipaddress.IPv4Address("1.1.1.1")
+
+
+class SettingsError(ValueError):
+    """One environment variable has a value the dataplane cannot run with."""
+
+    def __init__(self, variable: str, requirement: str, value: str) -> None:
+        self.variable = variable
+        super().__init__(f"{variable} must be {requirement}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 8080
+    listen_addr: str = "127.0.0.1"
+    data_dir: Path = Path("/var/lib/dataplane")
+    hypervisor: HypervisorChoice = "auto"
+    cloud_hypervisor_bin: str | None = None
+    qemu_bin: str | None = None
+    kernel_path: Path | None = None
+    initrd_path: Path | None = None
+    bridge_name: str = "vmbr0"
+    subnet_cidr: ipaddress.IPv4Network = _DEFAULT_SUBNET
+    subnet_gateway: ipaddress.IPv4Address = _DEFAULT_GATEWAY
+    dns_server: ipaddress.IPv4Address | ipaddress.IPv6Address = _DEFAULT_DNS
+    auth_token: str | None = None
+    jwt_secret: str | None = None
+    node_id: str = "NODE_1"
+    webhook_endpoint: str | None = None
+    cache_seconds: int | None = None
+    max_concurrent_builds: int = 2
+    log_format: LogFormat = "console"
+    log_level: str = "info"
+    contract_validation: bool = True
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_token or self.jwt_secret)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; the first bad one raises :class:`SettingsError`."""
+        env = _Env(os.environ if environ is None else environ)
+        auth_token = env.secret("AUTH_TOKEN")
+        jwt_secret = env.secret("JWT_SECRET")
+        # Without any authentication the API must not be reachable from other hosts
+        # unless the operator says so explicitly.
+        default_listen = "0.0.0.0" if (auth_token or jwt_secret) else "127.0.0.1"
+        subnet = env.network("SUBNET_CIDR", cls.subnet_cidr)
+        gateway = env.address_in("SUBNET_GATEWAY", cls.subnet_gateway, subnet)
+        return cls(
+            port=env.integer("PORT", cls.port, low=1, high=65535),
+            listen_addr=env.ip("LISTEN_ADDR", default_listen),
+            data_dir=env.absolute_path("DATA_DIR", cls.data_dir),
+            hypervisor=cast(HypervisorChoice, env.choice("HYPERVISOR", _HYPERVISORS, "auto")),
+            cloud_hypervisor_bin=env.optional("CLOUD_HYPERVISOR_BIN"),
+            qemu_bin=env.optional("QEMU_BIN"),
+            kernel_path=env.existing_file("KERNEL_PATH"),
+            initrd_path=env.existing_file("INITRD_PATH"),
+            bridge_name=env.ifname("BRIDGE_NAME", cls.bridge_name),
+            subnet_cidr=subnet,
+            subnet_gateway=gateway,
+            dns_server=ipaddress.ip_address(env.ip("DNS_SERVER", str(cls.dns_server))),
+            auth_token=auth_token,
+            jwt_secret=jwt_secret,
+            node_id=env.node_id("NODE_ID", cls.node_id),
+            webhook_endpoint=env.url("WEBHOOK_ENDPOINT"),
+            cache_seconds=env.optional_integer("CACHE_SECONDS", low=0),
+            max_concurrent_builds=env.integer(
+                "MAX_CONCURRENT_BUILDS", cls.max_concurrent_builds, low=1, high=64
+            ),
+            log_format=cast(LogFormat, env.choice("LOG_FORMAT", _LOG_FORMATS, cls.log_format)),
+            log_level=env.choice("LOG_LEVEL", _LOG_LEVELS, cls.log_level),
+            contract_validation=env.boolean("CONTRACT_VALIDATION", cls.contract_validation),
+        )
+
+
+class _Env:
+    """Typed readers over an environment mapping; empty values count as unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def optional(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def secret(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value == "":
+            return None
+        if value != value.strip():
+            raise SettingsError(name, "free of leading or trailing whitespace", "<hidden>")
+        if len(value) < 16:
+            raise SettingsError(name, "at least 16 characters long", "<hidden>")
+        return value
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        return self._parse_int(name, raw, low, high)
+
+    def optional_integer(self, name: str, *, low: int) -> int | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        return self._parse_int(name, raw, low, None)
+
+    @staticmethod
+    def _parse_int(name: str, raw: str, low: int, high: int | None) -> int:
+        bounds = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise SettingsError(name, bounds, raw) from None
+        if value < low or (high is not None and value > high):
+            raise SettingsError(name, bounds, raw)
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(name, "one of true/false, 1/0, yes/no, on/off", raw)
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if raw not in options:
+            raise SettingsError(name, "one of " + ", ".join(options), raw)
+        return raw
+
+    def ip(self, name: str, default: str) -> str:
+        raw = self.optional(name) or default
+        try:
+            return str(ipaddress.ip_address(raw))
+        except ValueError:
+            raise SettingsError(name, "an IP address", raw) from None
+
+    def network(self, name: str, default: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            network = ipaddress.IPv4Network(raw, strict=True)
+        except ValueError:
+            raise SettingsError(
+                name, "an IPv4 network in CIDR form like 10.0.0.0/24", raw
+            ) from None
+        if network.prefixlen > 30:
+            raise SettingsError(name, "a network of /30 or larger", raw)
+        return network
+
+    def address_in(
+        self, name: str, default: ipaddress.IPv4Address, network: ipaddress.IPv4Network
+    ) -> ipaddress.IPv4Address:
+        raw = self.optional(name)
+        try:
+            address = ipaddress.IPv4Address(raw) if raw is not None else default
+        except ValueError:
+            raise SettingsError(name, "an IPv4 address", raw or "") from None
+        if address not in network or address in (
+            network.network_address,
+            network.broadcast_address,
+        ):
+            raise SettingsError(name, f"a host address inside SUBNET_CIDR {network}", str(address))
+        return address
+
+    def absolute_path(self, name: str, default: Path) -> Path:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        path = Path(raw)
+        if not path.is_absolute():
+            raise SettingsError(name, "an absolute path", raw)
+        if path.exists() and not path.is_dir():
+            raise SettingsError(name, "a directory (or a path where one can be made)", raw)
+        return path
+
+    def existing_file(self, name: str) -> Path | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        path = Path(raw)
+        if not path.is_file():
+            raise SettingsError(name, "the path of an existing file", raw)
+        return path
+
+    def ifname(self, name: str, default: str) -> str:
+        raw = self.optional(name) or default
+        if not _IFNAME.match(raw):
+            raise SettingsError(
+                name, "a network interface name of 1-15 letters, digits, '_', '.' or '-'", raw
+            )
+        return raw
+
+    def node_id(self, name: str, default: str) -> str:
+        raw = self.optional(name) or default
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", raw):
+            raise SettingsError(
+                name, "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit", raw
+            )
+        return raw
+
+    def url(self, name: str) -> str | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(name, "an http:// or https:// URL", raw)
+        return raw

@@ -1,0 +1,143 @@
+"""The one module that knows the on-disk layout under ``DATA_DIR``.
+
+Every other module asks a :class:`Paths` for a location instead of joining
+strings itself, so the layout can change in one place. Nothing here touches
+the disk except :meth:`Paths.ensure`, which creates the top-level folders.
+
+Layout::
+
+    system/kernel/            vmlinux (PVH ELF), bzImage, version
+    system/initrd/            initrd.img and the hash of its inputs
+    system/oci/               one content-addressed OCI layout shared by all images
+    system/tmp/               scratch space for builds (emptied at start-up)
+    images/<digest-hex>/      metadata.json, rootfs.erofs | rootfs.ext4
+    images/tags/              a reference name -> digest map, one file per name
+    instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock,
+                              events.json, logs/, standby/, snapshots/<sid>/
+    volumes/<id>/             metadata.json, data.raw
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    root: Path
+
+    # -- system --------------------------------------------------------------
+    @property
+    def system(self) -> Path:
+        return self.root / "system"
+
+    @property
+    def kernel_dir(self) -> Path:
+        return self.system / "kernel"
+
+    @property
+    def initrd_dir(self) -> Path:
+        return self.system / "initrd"
+
+    @property
+    def oci_layout(self) -> Path:
+        return self.system / "oci"
+
+    @property
+    def tmp(self) -> Path:
+        return self.system / "tmp"
+
+    # -- images --------------------------------------------------------------
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    def image_dir(self, digest: str) -> Path:
+        return self.images / _digest_dir(digest)
+
+    def image_metadata(self, digest: str) -> Path:
+        return self.image_dir(digest) / "metadata.json"
+
+    def image_disk(self, digest: str, fmt: str) -> Path:
+        return self.image_dir(digest) / f"rootfs.{fmt}"
+
+    @property
+    def image_tags(self) -> Path:
+        return self.images / "tags"
+
+    # -- instances -----------------------------------------------------------
+    @property
+    def instances(self) -> Path:
+        return self.root / "instances"
+
+    def instance_dir(self, instance_id: str) -> Path:
+        return self.instances / instance_id
+
+    def instance_metadata(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "metadata.json"
+
+    def instance_overlay(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "overlay.raw"
+
+    def instance_config_disk(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "config.img"
+
+    def instance_api_socket(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "vmm.sock"
+
+    def instance_event_monitor(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "events.json"
+
+    def instance_logs(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "logs"
+
+    def instance_log(self, instance_id: str, source: str) -> Path:
+        return self.instance_logs(instance_id) / f"{source}.log"
+
+    def instance_standby(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "standby"
+
+    def instance_snapshots(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "snapshots"
+
+    def instance_snapshot(self, instance_id: str, snapshot_id: str) -> Path:
+        return self.instance_snapshots(instance_id) / snapshot_id
+
+    # -- volumes -------------------------------------------------------------
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes"
+
+    def volume_dir(self, volume_id: str) -> Path:
+        return self.volumes / volume_id
+
+    def volume_metadata(self, volume_id: str) -> Path:
+        return self.volume_dir(volume_id) / "metadata.json"
+
+    def volume_data(self, volume_id: str) -> Path:
+        return self.volume_dir(volume_id) / "data.raw"
+
+    def ensure(self) -> None:
+        """Create the top-level folders; safe to call on every start."""
+        for folder in (
+            self.kernel_dir,
+            self.initrd_dir,
+            self.oci_layout,
+            self.tmp,
+            self.images,
+            self.image_tags,
+            self.instances,
+            self.volumes,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def _digest_dir(digest: str) -> str:
+    """``sha256:abc…`` -> ``abc…``: the folder name for a content digest."""
+    algorithm, _, hexpart = digest.partition(":")
+    if not hexpart:
+        return algorithm
+    if algorithm != "sha256":
+        return f"{algorithm}-{hexpart}"
+    return hexpart
