@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
+from managers.network.errors import NetworkConfigError
+from managers.network.types import NetworkSettings
+
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 LogFormat = Literal["json", "console"]
 
@@ -33,6 +36,13 @@ class SettingsError(ValueError):
     def __init__(self, variable: str, requirement: str, value: str) -> None:
         self.variable = variable
         super().__init__(f"{variable} must be {requirement}, got {value!r}")
+
+    @classmethod
+    def from_message(cls, variable: str, message: str) -> SettingsError:
+        error = cls.__new__(cls)
+        error.variable = variable
+        ValueError.__init__(error, message)
+        return error
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,19 @@ class Settings:
     log_format: LogFormat = "console"
     log_level: str = "info"
     contract_validation: bool = True
+    network_nat: bool = True
+    network_isolation: bool = True
+
+    @property
+    def network(self) -> NetworkSettings:
+        return NetworkSettings(
+            bridge_name=self.bridge_name,
+            subnet=self.subnet_cidr,
+            gateway=self.subnet_gateway,
+            dns_server=self.dns_server,
+            nat=self.network_nat,
+            isolation=self.network_isolation,
+        )
 
     @property
     def auth_enabled(self) -> bool:
@@ -73,8 +96,10 @@ class Settings:
         # unless the operator says so explicitly.
         default_listen = "0.0.0.0" if (auth_token or jwt_secret) else "127.0.0.1"
         subnet = env.network("SUBNET_CIDR", cls.subnet_cidr)
-        gateway = env.address_in("SUBNET_GATEWAY", cls.subnet_gateway, subnet)
-        return cls(
+        # A custom subnet without a gateway gets its first host address as the gateway.
+        default_gateway = cls.subnet_gateway if subnet == cls.subnet_cidr else subnet[1]
+        gateway = env.address_in("SUBNET_GATEWAY", default_gateway, subnet)
+        settings = cls(
             port=env.integer("PORT", cls.port, low=1, high=65535),
             listen_addr=env.ip("LISTEN_ADDR", default_listen),
             data_dir=env.absolute_path("DATA_DIR", cls.data_dir),
@@ -98,7 +123,14 @@ class Settings:
             log_format=cast(LogFormat, env.choice("LOG_FORMAT", _LOG_FORMATS, cls.log_format)),
             log_level=env.choice("LOG_LEVEL", _LOG_LEVELS, cls.log_level),
             contract_validation=env.boolean("CONTRACT_VALIDATION", cls.contract_validation),
+            network_nat=env.boolean("NETWORK_NAT", cls.network_nat),
+            network_isolation=env.boolean("NETWORK_ISOLATION", cls.network_isolation),
         )
+        try:
+            settings.network  # noqa: B018 - the network subsystem's own invariants
+        except NetworkConfigError as error:
+            raise SettingsError.from_message(str(error).split(" ", 1)[0], str(error)) from None
+        return settings
 
 
 class _Env:

@@ -112,3 +112,25 @@ def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) -> None:
         "dataplane: invalid configuration: "
         "PORT must be an integer from 1 to 65535, got 'not-a-port'"
     ]
+
+
+def test_network_settings_come_from_the_same_environment() -> None:
+    network = Settings.from_env(
+        {
+            "BRIDGE_NAME": "br-test",
+            "SUBNET_CIDR": "10.5.0.0/16",
+            "DNS_SERVER": "2001:db8::53",
+            "NETWORK_NAT": "off",
+            "NETWORK_ISOLATION": "0",
+        }
+    ).network
+    assert network.bridge_name == "br-test"
+    assert network.gateway == ipaddress.IPv4Address("10.5.0.1")
+    assert str(network.dns_server) == "2001:db8::53"
+    assert (network.nat, network.isolation) == (False, False)
+
+
+def test_network_invariants_are_settings_errors() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"BRIDGE_NAME": "dp-bridge"})
+    assert caught.value.variable == "BRIDGE_NAME"

@@ -1,0 +1,124 @@
+"""Value types of the network subsystem: settings, an instance's allocation, the guest's config."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    ip_interface,
+)
+from typing import Any
+
+from managers.network.errors import InvalidAllocation, NetworkConfigError
+
+#: Every TAP this manager creates starts with this; start-up only ever removes TAPs named so.
+TAP_PREFIX = "dp-"
+#: Linux interface names hold at most 15 characters (IFNAMSIZ - 1).
+IFNAME_MAX = 15
+
+DEFAULT_SUBNET = IPv4Network("192.168.100.0/24")
+DEFAULT_GATEWAY = IPv4Address("192.168.100.1")
+DEFAULT_DNS = IPv4Address("1.1.1.1")
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    """What the operator configures; validated on construction so a bad value changes nothing.
+
+    ``nat`` installs outbound masquerading for the subnet; ``isolation`` sets the bridge port
+    ``isolated`` flag on every TAP, so instances reach the gateway but not each other.
+    """
+
+    bridge_name: str = "vmbr0"
+    subnet: IPv4Network = DEFAULT_SUBNET
+    gateway: IPv4Address = DEFAULT_GATEWAY
+    dns_server: IPv4Address | IPv6Address = DEFAULT_DNS
+    nat: bool = True
+    isolation: bool = True
+
+    def __post_init__(self) -> None:
+        if not _IFNAME.match(self.bridge_name):
+            raise NetworkConfigError(
+                f"BRIDGE_NAME {self.bridge_name!r} is not a valid interface name "
+                f"(1-{IFNAME_MAX} of letters, digits, '_', '.', '-')"
+            )
+        if self.bridge_name.startswith(TAP_PREFIX):
+            raise NetworkConfigError(
+                f"BRIDGE_NAME {self.bridge_name!r} must not start with {TAP_PREFIX!r}, "
+                "the prefix of instance TAPs"
+            )
+        if self.subnet.prefixlen > 30:
+            raise NetworkConfigError(
+                f"SUBNET_CIDR {self.subnet} is too small: a /30 or larger leaves room for "
+                "a gateway and at least one instance"
+            )
+        if self.gateway not in self.subnet:
+            raise NetworkConfigError(
+                f"SUBNET_GATEWAY {self.gateway} is not inside SUBNET_CIDR {self.subnet}"
+            )
+        if self.gateway in (self.subnet.network_address, self.subnet.broadcast_address):
+            raise NetworkConfigError(
+                f"SUBNET_GATEWAY {self.gateway} is the network or broadcast address of "
+                f"{self.subnet}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """An instance's place on the subnet; stored in the instance's metadata, nowhere else.
+
+    ``address`` carries the subnet prefix (``192.168.100.2/24``); ``mac`` is the guest NIC's
+    MAC, derived from the address.
+    """
+
+    address: IPv4Interface
+    mac: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"address": str(self.address), "mac": self.mac}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        """Rebuild an allocation read back from metadata; malformed data is an
+        :class:`InvalidAllocation`."""
+        address_text = data.get("address")
+        mac = data.get("mac")
+        if not isinstance(address_text, str) or not isinstance(mac, str):
+            raise InvalidAllocation(f"allocation needs string 'address' and 'mac', got {data!r}")
+        try:
+            address = ip_interface(address_text)
+        except ValueError as exc:
+            raise InvalidAllocation(f"allocation address {address_text!r} is invalid") from exc
+        if not isinstance(address, IPv4Interface) or "/" not in address_text:
+            raise InvalidAllocation(
+                f"allocation address {address_text!r} must be IPv4 with a prefix length"
+            )
+        if not _MAC.match(mac):
+            raise InvalidAllocation(f"allocation MAC {mac!r} is not of the form aa:bb:cc:dd:ee:ff")
+        return cls(address=address, mac=mac)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestNetwork:
+    """What the guest's init needs to configure its NIC, written to the config disk."""
+
+    address: IPv4Interface
+    gateway: IPv4Address
+    dns: IPv4Address | IPv6Address
+    mac: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "address": str(self.address),
+            "gateway": str(self.gateway),
+            "dns": str(self.dns),
+            "mac": self.mac,
+        }
