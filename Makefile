@@ -23,6 +23,8 @@ lint: setup
 
 bench: setup
 	$(PY) scripts/bench/api.py
+	$(PY) scripts/bench/images.py
+	$(PY) scripts/bench/guest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -24,6 +24,8 @@ from dataplane.asgi import ASGIApp
 from dataplane.auth import AuthMiddleware
 from dataplane.contract import ContractMiddleware
 from dataplane.controllers.docs import DocsController
+from dataplane.controllers.images import ImagesController
+from dataplane.controllers.instances import InstancesController
 from dataplane.controllers.meta import MetaController
 from dataplane.errors import EXCEPTION_HANDLERS
 from dataplane.requestctx import RequestContextMiddleware
@@ -40,7 +42,7 @@ def create_app(settings: Settings) -> Litestar:
         return runtime
 
     app = Litestar(
-        route_handlers=[MetaController, DocsController],
+        route_handlers=[MetaController, DocsController, ImagesController, InstancesController],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[runtime.lifespan],

@@ -271,10 +271,24 @@ class ContractMiddleware:
             await self.app(scope, receive, send)
             return
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        match = self.spec.match(scope["method"], raw_path.decode("latin-1").split("?", 1)[0])
+        path = raw_path.decode("latin-1").split("?", 1)[0]
+        match = self.spec.match(scope["method"], path)
         if match is None:
-            # Unknown route or method: the router answers 404/405 in the Error shape.
-            await self.app(scope, receive, send)
+            allowed = self.spec.allowed_methods(path)
+            if allowed is None:
+                # Unknown route: the router answers 404 in the Error shape.
+                await self.app(scope, receive, send)
+                return
+            # The spec, not the router, says which methods a path has (the router
+            # would also offer OPTIONS and route by its own, looser templates).
+            await send_error(
+                send,
+                405,
+                "method_not_allowed",
+                f"{scope['method']} is not allowed on {path}",
+                {"allowed": allowed},
+                headers={"Allow": ", ".join(allowed)},
+            )
             return
         request = self._request(scope, match)
         if match.operation.streams_request_body:

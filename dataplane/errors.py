@@ -16,6 +16,12 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from managers.guest import errors as guest_errors
+from managers.hypervisors import errors as hypervisor_errors
+from managers.images import errors as images_errors
+from managers.instances import errors as instances_errors
+from managers.network import errors as network_errors
+
 log = logging.getLogger("dataplane.errors")
 
 JSON = "application/json"
@@ -56,9 +62,32 @@ def error_response(error: ApiError) -> Response[bytes]:
     )
 
 
-# Domain exception type -> (status, code). Filled as subsystems land; the most
-# specific class wins because lookups walk the exception's MRO.
-DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {}
+# Domain exception type -> (status, code): the one place where the domain meets
+# HTTP. The most specific class wins because lookups walk the exception's MRO.
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    images_errors.InvalidReference: (400, "invalid_reference"),
+    images_errors.InvalidArchive: (400, "invalid_archive"),
+    images_errors.InvalidFormat: (400, "invalid_format"),
+    images_errors.UnsupportedImage: (400, "unsupported_image"),
+    images_errors.ImageNotFound: (404, "image_not_found"),
+    images_errors.ImageInUse: (409, "image_in_use"),
+    images_errors.FormatConflict: (409, "format_conflict"),
+    images_errors.ImageNotReady: (409, "image_not_ready"),
+    images_errors.RegistryUnreachable: (502, "registry_unreachable"),
+    images_errors.RegistryError: (502, "registry_error"),
+    images_errors.ImageError: (500, "image_error"),
+    instances_errors.InvalidInstanceSpec: (400, "invalid_instance"),
+    instances_errors.InstanceNotFound: (404, "instance_not_found"),
+    instances_errors.ImageMissing: (404, "image_not_found"),
+    instances_errors.ImageNotReady: (409, "image_not_ready"),
+    instances_errors.InstanceExists: (409, "instance_exists"),
+    instances_errors.WrongInstanceState: (409, "wrong_state"),
+    instances_errors.ActionFailed: (500, "action_failed"),
+    guest_errors.GuestError: (503, "guest_unavailable"),
+    hypervisor_errors.HypervisorError: (500, "hypervisor_error"),
+    network_errors.AddressExhausted: (409, "addresses_exhausted"),
+    network_errors.NetworkError: (500, "network_error"),
+}
 
 
 _STATUS_CODES = {
@@ -107,6 +136,8 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
         if mapped is not None:
             status, code = mapped
             details = getattr(exc, "details", None)
+            if status >= 500:
+                log.error("%s %s failed: %s", request.method, request.url.path, exc)
             return error_response(
                 ApiError(status, code, str(exc), details if isinstance(details, dict) else None)
             )

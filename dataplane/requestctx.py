@@ -30,6 +30,12 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        raw_path = scope.get("raw_path")
+        if raw_path:
+            # Route on the path as sent: a parameter such as an image reference may
+            # carry an encoded '/' (docker.io%2Flibrary%2Falpine) that must stay one
+            # segment; handlers decode their parameters themselves.
+            scope["path"] = raw_path.decode("latin-1")
         given = header(scope, b"x-request-id")
         request_id = given if given and _SANE_ID.match(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)

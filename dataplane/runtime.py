@@ -1,24 +1,38 @@
 """The long-lived state of one server process, owned by the app's lifespan.
 
 Everything a handler needs beyond the request comes from here: settings, the
-spec, the start time, the readiness phase and (as subsystems land) the managers.
+spec, the readiness phase, and the managers. Start-up order: the on-disk layout,
+the image manager (recovers interrupted builds), the instance manager (re-adopts
+running VMMs, removes half-made instances). Slow facts (the guest kernel and
+initrd when they must be built, the hypervisor's version and acceleration) are
+gathered in the background so the API answers at once; until they are known,
+``/health`` shows null and creating an instance answers 503 with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import anyio
 from litestar import Litestar
 
 from dataplane import __version__
+from dataplane.errors import ApiError
 from dataplane.settings import Settings
 from dataplane.spec import Spec
+from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
+from managers.hypervisors import BackendKind, BackendSettings, HypervisorBackend, open_backend
+from managers.images import ImageManager
+from managers.instances import InstanceManager
+from managers.network import NetworkManager
 from managers.paths import Paths
 
 log = logging.getLogger("dataplane.runtime")
@@ -43,30 +57,127 @@ class Runtime:
         self.phase: Phase = "starting"
         self.started_monotonic = time.monotonic()
         self.paths = Paths(settings.data_dir)
-        self.hypervisor = HypervisorInfo(kind=self._hypervisor_kind())
+        self.sse_keepalive_seconds = 15.0
+        self.backends = self._backends()
+        self.hypervisor = HypervisorInfo(kind=self._default_kind())
+        self.images: ImageManager | None = None
+        self.instances: InstanceManager | None = None
+        self.artifacts: GuestArtifacts | None = None
+        self.artifacts_error: str | None = "the guest kernel and initrd are being prepared"
 
-    def _hypervisor_kind(self) -> Literal["cloud-hypervisor", "qemu"]:
+    def _backends(self) -> dict[str, HypervisorBackend]:
+        settings = BackendSettings(
+            cloud_hypervisor_bin=self.settings.cloud_hypervisor_bin,
+            qemu_bin=self.settings.qemu_bin,
+            memory_restore_mode=self.settings.memory_restore_mode,
+        )
+        found: dict[str, HypervisorBackend] = {}
+        binaries = {
+            BackendKind.CLOUD_HYPERVISOR: self.settings.cloud_hypervisor_bin or "cloud-hypervisor",
+            BackendKind.QEMU: self.settings.qemu_bin or "qemu-system-x86_64",
+        }
+        for kind, binary in binaries.items():
+            if shutil.which(binary) or os.access(binary, os.X_OK):
+                found[kind.value] = open_backend(kind, settings)
+        return found
+
+    def _default_kind(self) -> Literal["cloud-hypervisor", "qemu"]:
         choice = self.settings.hypervisor
         if choice != "auto":
             return choice
-        binary = self.settings.cloud_hypervisor_bin or "cloud-hypervisor"
-        return "cloud-hypervisor" if shutil.which(binary) else "qemu"
+        return "cloud-hypervisor" if BackendKind.CLOUD_HYPERVISOR.value in self.backends else "qemu"
 
     @property
     def uptime_seconds(self) -> float:
         return time.monotonic() - self.started_monotonic
 
+    def require_images(self) -> ImageManager:
+        if self.images is None:
+            raise ApiError(503, "unavailable", f"the image manager is not running ({self.phase})")
+        return self.images
+
+    def require_instances(self) -> InstanceManager:
+        if self.instances is None:
+            raise ApiError(
+                503, "unavailable", f"the instance manager is not running ({self.phase})"
+            )
+        return self.instances
+
+    def guest_artifacts(self) -> GuestArtifacts:
+        if self.artifacts is None:
+            raise ApiError(503, "guest_unavailable", self.artifacts_error or "no guest artifacts")
+        return self.artifacts
+
     @asynccontextmanager
     async def lifespan(self, _: Litestar) -> AsyncIterator[None]:
-        self.paths.ensure()
-        self.phase = "ok"
-        log.info(
-            "dataplane %s ready",
-            self.version,
-            extra={"data_dir": str(self.settings.data_dir), "node_id": self.settings.node_id},
-        )
+        settings = self.settings
+        await anyio.to_thread.run_sync(self.paths.ensure)
+        async with contextlib.AsyncExitStack() as stack:
+            images = ImageManager(
+                self.paths,
+                max_concurrent_builds=settings.max_concurrent_builds,
+                cache_seconds=settings.cache_seconds,
+                insecure_registries=settings.insecure_registries,
+            )
+            await images.start()
+            stack.push_async_callback(images.close)
+            self.images = images
+            instances = InstanceManager(
+                self.paths,
+                images=images,
+                backends=self.backends,
+                default_hypervisor=self.hypervisor.kind,
+                artifacts=self.guest_artifacts,
+                network=NetworkManager(settings.network) if _can_network() else None,
+            )
+            await instances.start()
+            stack.push_async_callback(instances.close)
+            self.instances = instances
+            group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(group.cancel_scope.cancel)
+            group.start_soon(self._prepare_guest)
+            self.phase = "ok"
+            log.info(
+                "dataplane %s ready",
+                self.version,
+                extra={"data_dir": str(settings.data_dir), "node_id": settings.node_id},
+            )
+            try:
+                yield
+            finally:
+                self.phase = "stopping"
+                log.info("dataplane stopping")
+
+    async def _prepare_guest(self) -> None:
         try:
-            yield
-        finally:
-            self.phase = "stopping"
-            log.info("dataplane stopping")
+            self.artifacts = await ensure_artifacts(
+                self.paths.system,
+                kernel_path=self.settings.kernel_path,
+                initrd_path=self.settings.initrd_path,
+            )
+            self.artifacts_error = None
+        except GuestError as error:
+            self.artifacts_error = f"the guest kernel and initrd are not available: {error}"
+            log.error("%s", self.artifacts_error)
+            return
+        await self._probe_hypervisor()
+
+    async def _probe_hypervisor(self) -> None:
+        backend = self.backends.get(self.hypervisor.kind)
+        if backend is None:
+            log.error("no %s binary found: instances cannot start", self.hypervisor.kind)
+            return
+        try:
+            version = await backend.version()
+        except OSError as error:
+            log.error("%s does not run: %s", self.hypervisor.kind, error)
+            return
+        assert self.artifacts is not None
+        acceleration = await backend.acceleration(self.artifacts.bzimage)
+        self.hypervisor = replace(self.hypervisor, version=version, acceleration=acceleration.value)
+        log.info("hypervisor %s %s with %s", self.hypervisor.kind, version, acceleration.value)
+
+
+def _can_network() -> bool:
+    """Bridges and TAPs need root and the TUN device."""
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
+from managers.hypervisors.types import MemoryRestoreMode
 from managers.network.errors import NetworkConfigError
 from managers.network.types import NetworkSettings
 
@@ -25,6 +26,8 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _HYPERVISORS = ("auto", "cloud-hypervisor", "qemu")
 _LOG_FORMATS = ("json", "console")
+_RESTORE_MODES = tuple(mode.value for mode in MemoryRestoreMode)
+_REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 _DEFAULT_SUBNET = ipaddress.IPv4Network("192.168.100.0/24")
 _DEFAULT_GATEWAY = ipaddress.IPv4Address("192.168.100.1")
 _DEFAULT_DNS = ipaddress.IPv4Address("1.1.1.1")
@@ -70,6 +73,8 @@ class Settings:
     contract_validation: bool = True
     network_nat: bool = True
     network_isolation: bool = True
+    insecure_registries: frozenset[str] = frozenset()
+    memory_restore_mode: MemoryRestoreMode = MemoryRestoreMode.COPY
 
     @property
     def network(self) -> NetworkSettings:
@@ -125,6 +130,10 @@ class Settings:
             contract_validation=env.boolean("CONTRACT_VALIDATION", cls.contract_validation),
             network_nat=env.boolean("NETWORK_NAT", cls.network_nat),
             network_isolation=env.boolean("NETWORK_ISOLATION", cls.network_isolation),
+            insecure_registries=env.registries("INSECURE_REGISTRIES"),
+            memory_restore_mode=MemoryRestoreMode(
+                env.choice("MEMORY_RESTORE_MODE", _RESTORE_MODES, cls.memory_restore_mode.value)
+            ),
         )
         try:
             settings.network  # noqa: B018 - the network subsystem's own invariants
@@ -266,6 +275,16 @@ class _Env:
                 name, "1-63 letters, digits, '_', '.' or '-', starting with a letter or digit", raw
             )
         return raw
+
+    def registries(self, name: str) -> frozenset[str]:
+        raw = self.optional(name)
+        if raw is None:
+            return frozenset()
+        hosts = [item.strip() for item in raw.split(",") if item.strip()]
+        for host in hosts:
+            if not _REGISTRY.match(host):
+                raise SettingsError(name, "a comma-separated list of host[:port]", raw)
+        return frozenset(hosts)
 
     def url(self, name: str) -> str | None:
         raw = self.optional(name)

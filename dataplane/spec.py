@@ -102,17 +102,33 @@ class Spec:
     def load(cls) -> Spec:
         return cls(resources.files("dataplane").joinpath("openapi.yaml").read_bytes())
 
-    def find_path(self, path: str) -> tuple[_Route, dict[str, str]] | None:
-        """Match a raw (still percent-encoded) path; parameters come back decoded.
+    def match(self, method: str, raw_path: str) -> Match | None:
+        """The operation a request hits, matching the raw (still percent-encoded) path.
 
-        Matching the raw path lets a parameter carry an encoded ``/``, as an
-        image reference like ``docker.io%2Flibrary%2Falpine`` does.
+        Matching the raw path lets a parameter carry an encoded ``/``, as an image
+        reference like ``docker.io%2Flibrary%2Falpine`` does; parameters come back
+        decoded. Where templates overlap, the most literal one is the path
+        (``/images/import`` over ``/images/{name}``), whatever the method: a method
+        it lacks is a 405, as for any other path.
         """
-        route = self._literal.get(path)
+        found = self._route(raw_path)
+        if found is None:
+            return None
+        route, params = found
+        operation = route.operations.get(method)
+        return Match(operation, params) if operation is not None else None
+
+    def allowed_methods(self, raw_path: str) -> list[str] | None:
+        """The methods the spec has for this path, or None for a path it does not know."""
+        found = self._route(raw_path)
+        return sorted(found[0].operations) if found is not None else None
+
+    def _route(self, raw_path: str) -> tuple[_Route, dict[str, str]] | None:
+        route = self._literal.get(raw_path)
         if route is not None:
             return route, {}
         for candidate in self._templated:
-            found = candidate.regex.match(path)
+            found = candidate.regex.match(raw_path)
             if found:
                 values = found.groupdict()
                 return candidate, {
@@ -120,16 +136,6 @@ class Spec:
                     for index, name in enumerate(candidate.params)
                 }
         return None
-
-    def match(self, method: str, path: str) -> Match | None:
-        found = self.find_path(path)
-        if found is None:
-            return None
-        route, params = found
-        operation = route.operations.get(method)
-        if operation is None:
-            return None
-        return Match(operation, params)
 
 
 def _is_streaming(op: dict[str, Any]) -> bool:

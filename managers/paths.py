@@ -12,8 +12,10 @@ Layout::
     system/tmp/               scratch space for builds (emptied at start-up)
     images/<digest-hex>/      metadata.json, rootfs.erofs | rootfs.ext4
     images/tags/              a reference name -> digest map, one file per name
-    instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock,
-                              events.json, logs/, standby/, snapshots/<sid>/
+    instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock, vmm.json,
+                              events.json, guest.json, standby/, snapshots/<sid>/,
+                              logs/ (serial.raw and vmm.log as the VMM writes them;
+                              app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
     volumes/<id>/             metadata.json, data.raw
 """
 
@@ -39,6 +41,41 @@ class Paths:
     @property
     def initrd_dir(self) -> Path:
         return self.system / "initrd"
+
+    # Guest artifacts (written by managers.guest): version is written last, so its presence
+    # means the kernel is complete; tree/ is the unpacked package with lib/modules/<release>.
+    @property
+    def kernel_vmlinux(self) -> Path:
+        return self.kernel_dir / "vmlinux"
+
+    @property
+    def kernel_bzimage(self) -> Path:
+        return self.kernel_dir / "bzImage"
+
+    @property
+    def kernel_version(self) -> Path:
+        return self.kernel_dir / "version"
+
+    @property
+    def kernel_tree(self) -> Path:
+        return self.kernel_dir / "tree"
+
+    @property
+    def kernel_overrides(self) -> Path:
+        """vmlinux files extracted from a KERNEL_PATH bzImage, named by its sha256."""
+        return self.kernel_dir / "override"
+
+    @property
+    def initrd_image(self) -> Path:
+        return self.initrd_dir / "initrd.img"
+
+    @property
+    def initrd_inputs_hash(self) -> Path:
+        return self.initrd_dir / "inputs.sha256"
+
+    @property
+    def guest_build_lock(self) -> Path:
+        return self.system / ".guest-build.lock"
 
     @property
     def oci_layout(self) -> Path:
@@ -92,8 +129,19 @@ class Paths:
     def instance_logs(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "logs"
 
-    def instance_log(self, instance_id: str, source: str) -> Path:
-        return self.instance_logs(instance_id) / f"{source}.log"
+    def instance_serial_raw(self, instance_id: str) -> Path:
+        """The guest's serial console as the VMM writes it (the log pump reads it)."""
+        return self.instance_logs(instance_id) / "serial.raw"
+
+    def instance_vmm_raw(self, instance_id: str) -> Path:
+        """The VMM process's own stdout and stderr (written by ``managers.hypervisors``)."""
+        return self.instance_logs(instance_id) / "vmm.log"
+
+    def instance_pump_state(self, instance_id: str) -> Path:
+        return self.instance_logs(instance_id) / "pump.json"
+
+    def instance_guest_status(self, instance_id: str) -> Path:
+        return self.instance_dir(instance_id) / "guest.json"
 
     def instance_standby(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "standby"

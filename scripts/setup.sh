@@ -22,6 +22,9 @@ PACKAGES=(
   gcc libc6-dev python3 python3-venv curl procps
 )
 
+# The guest kernel comes from `apt-get download`, which needs the package lists.
+lists_empty() { ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; }
+
 missing=()
 if command -v dpkg-query >/dev/null; then
   for pkg in "${PACKAGES[@]}"; do
@@ -29,15 +32,18 @@ if command -v dpkg-query >/dev/null; then
     [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
   done
 fi
-if ((${#missing[@]})); then
+if ((${#missing[@]})) || lists_empty; then
   if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+    ((${#missing[@]})) || { echo "setup: apt package lists are missing; run apt-get update" >&2; exit 1; }
     echo "setup: missing system packages: ${missing[*]} (run as root on Debian, or install them)" >&2
     exit 1
   fi
-  echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
   # The packaged registry starts a system service on port 5000; tests run their own.
   if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
@@ -59,3 +65,6 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; th
   "$VENV/bin/pip" install -q -e '.[dev]'
   echo "$want" >"$stamp"
 fi
+
+# Guest kernel and initrd into $DATA_DIR/system; a no-op when they are current.
+"$VENV/bin/python" -m managers.guest build --data-dir "$DATA_DIR"

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
 from litestar import Controller, Request, Response, get
-from litestar.params import Parameter
+from litestar.params import FromPath
 
 from dataplane.errors import ApiError
 
@@ -70,9 +71,8 @@ class DocsController(Controller):
         return Response(_PAGE, media_type="text/html")
 
     @get("/docs/assets/{asset:str}", sync_to_thread=False)
-    def asset(
-        self, request: Request[Any, Any, Any], asset: str = Parameter(title="asset")
-    ) -> Response[bytes]:
+    def asset(self, request: Request[Any, Any, Any], asset: FromPath[str]) -> Response[bytes]:
+        asset = unquote(asset)
         media_type = _ASSET_TYPES.get(asset)
         if media_type is None:
             raise ApiError(404, "not_found", f"no documentation asset named {asset!r}")

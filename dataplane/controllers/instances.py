@@ -1,0 +1,160 @@
+"""``/instances``: lifecycle actions and logs over SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.response import Stream
+
+from dataplane import sse
+from dataplane.errors import ApiError
+from dataplane.runtime import Runtime
+from managers.instances import CreateRequest, Instance, InstanceManager, InstanceState
+from managers.instances.logs import LogLine
+
+
+def instance_json(instance: Instance) -> dict[str, Any]:
+    record = instance.record
+    network = record["network"]
+    return {
+        "id": instance.id,
+        "name": instance.name,
+        "state": str(instance.state),
+        "image": record["image"]["name"],
+        "image_digest": record["image"]["digest"],
+        "hypervisor": record["hypervisor"],
+        "vcpus": record["vcpus"],
+        "memory_mb": record["memory_mb"],
+        "memory_max_mb": record["memory_max_mb"],
+        "overlay_size_mb": record["overlay_size_mb"],
+        "env": record["env"],
+        "entrypoint": record["entrypoint"],
+        "cmd": record["cmd"],
+        "workdir": record["workdir"],
+        "network": {
+            "enabled": bool(network.get("enabled")),
+            "ip": network.get("address"),
+            "mac": network.get("mac"),
+            "gateway": network.get("gateway"),
+        },
+        "created_at": record["created_at"],
+        "program_started_at": instance.guest.program_started_at,
+        "exit_code": instance.guest.exit_code,
+        "error": instance.guest.error,
+        "pid": instance.pid,
+    }
+
+
+def _manager(runtime: Runtime) -> InstanceManager:
+    return runtime.require_instances()
+
+
+class InstancesController(Controller):
+    path = "/instances"
+
+    @post("/", status_code=201)
+    async def create(
+        self, runtime: NamedDependency[Runtime], data: JSONBody[dict[str, Any]]
+    ) -> dict[str, Any]:
+        request = CreateRequest(
+            name=data["name"],
+            image=data["image"],
+            vcpus=data.get("vcpus", 1),
+            memory_mb=data.get("memory_mb", 256),
+            memory_max_mb=data.get("memory_max_mb"),
+            overlay_size_mb=data.get("overlay_size_mb", 1024),
+            env=data.get("env", {}),
+            entrypoint=tuple(data["entrypoint"]) if "entrypoint" in data else None,
+            cmd=tuple(data["cmd"]) if "cmd" in data else None,
+            workdir=data.get("workdir"),
+            network=bool((data.get("network") or {}).get("enabled", False)),
+            hypervisor=data.get("hypervisor"),
+            start=data.get("start", True),
+        )
+        return instance_json(await _manager(runtime).create(request))
+
+    @get("/")
+    async def list_instances(
+        self,
+        runtime: NamedDependency[Runtime],
+        state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
+    ) -> list[dict[str, Any]]:
+        wanted = InstanceState(state_filter) if state_filter else None
+        return [instance_json(i) for i in await _manager(runtime).list(wanted)]
+
+    @get("/{instance_id:str}")
+    async def get_instance(
+        self, runtime: NamedDependency[Runtime], instance_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return instance_json(await _manager(runtime).get(instance_id))
+
+    @delete("/{instance_id:str}", status_code=204)
+    async def delete_instance(
+        self, runtime: NamedDependency[Runtime], instance_id: FromPath[str]
+    ) -> None:
+        await _manager(runtime).delete(instance_id)
+
+    @post("/{instance_id:str}/{action:str}", status_code=200)
+    async def act(
+        self, runtime: NamedDependency[Runtime], instance_id: FromPath[str], action: FromPath[str]
+    ) -> dict[str, Any]:
+        manager = _manager(runtime)
+        actions = {
+            "start": manager.start_instance,
+            "stop": manager.stop,
+            "reboot": manager.reboot,
+            "pause": manager.pause,
+            "resume": manager.resume,
+            "standby": manager.standby,
+            "restore": manager.restore,
+        }
+        handler = actions.get(action)
+        if handler is None:
+            raise ApiError(404, "not_found", f"no action {action!r}")
+        return instance_json(await handler(instance_id))
+
+    @get("/{instance_id:str}/logs")
+    async def logs(
+        self,
+        request: Request[Any, Any, Any],
+        runtime: NamedDependency[Runtime],
+        instance_id: FromPath[str],
+        source: Annotated[str, QueryParameter(name="source")] = "app",
+        tail: Annotated[int | None, QueryParameter(name="tail")] = None,
+        follow: Annotated[bool, QueryParameter(name="follow")] = False,
+    ) -> Response[Any]:
+        manager = _manager(runtime)
+        last_event = request.headers.get("last-event-id")
+        after = int(last_event) if last_event is not None and last_event.isdigit() else None
+        # Resolve the instance and read the first lines now, so an unknown id is a
+        # plain 404 rather than a stream that ends at once.
+        first, position = await manager.read_log(instance_id, source, after=after, tail=tail)
+        log_file = manager.log_for(instance_id, source)
+        keepalive = runtime.sse_keepalive_seconds
+
+        async def stream() -> AsyncIterator[bytes]:
+            for line in first:
+                yield _log_event(line)
+            if not follow:
+                return
+            idle_since = time.monotonic()
+            async for batch in log_file.follow(position):
+                if batch:
+                    idle_since = time.monotonic()
+                    for line in batch:
+                        yield _log_event(line)
+                elif time.monotonic() - idle_since >= keepalive:
+                    idle_since = time.monotonic()
+                    yield sse.KEEPALIVE
+
+        return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)
+
+
+def _log_event(line: LogLine) -> bytes:
+    text = line.text.decode("utf-8", "replace").rstrip("\r")
+    return sse.event(text, name="log", event_id=line.offset)

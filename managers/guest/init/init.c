@@ -1,0 +1,1087 @@
+/*
+ * The guest's PID 1: prepares the root filesystem from virtio disks found by
+ * serial, applies the instance config and runs the program.  See
+ * managers/guest/README.md for the design and the config-disk format, and
+ * managers/guest/markers.py for the serial markers printed here.
+ *
+ * Every failure path ends in fail(): an error marker, then power-off.  The
+ * guest must never sit waiting for someone.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+#include <grp.h>
+
+#define MARKER_PREFIX "@@dataplane-guest@@ "
+#define CONFIG_MAGIC "DPGCFG01"
+#define CONFIG_HEADER 16
+#define CONFIG_MAX (16u << 20)
+#define MODULE_LIST "/etc/dataplane/modules"
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+enum tag {
+    TAG_ARG = 1,
+    TAG_ENV = 2,
+    TAG_WORKDIR = 3,
+    TAG_USER = 4,
+    TAG_HOSTNAME = 5,
+    TAG_NET_ADDRESS = 6,
+    TAG_NET_GATEWAY = 7,
+    TAG_NET_DNS = 8,
+    TAG_NET_MAC = 9,
+    TAG_VOLUME = 10,
+};
+
+struct volume {
+    int readonly;
+    char *source; /* a virtio serial, or a path under /dev */
+    char *target;
+};
+
+struct config {
+    char **argv;
+    size_t argc;
+    char **envp;
+    size_t envc;
+    char *workdir;
+    char *user;
+    char *hostname;
+    int has_address, has_gateway, has_mac;
+    uint8_t address[4], prefix, gateway[4], mac[6];
+    char **dns;
+    size_t ndns;
+    struct volume *volumes;
+    size_t nvolumes;
+};
+
+static void write_all(int fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+/* Markers start with a newline so they sit on a line of their own even when
+ * the program's output did not end with one. */
+static void marker(const char *fmt, ...)
+{
+    char buf[1024];
+    int n = snprintf(buf, sizeof buf, "\n" MARKER_PREFIX);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    size_t room = sizeof buf - (size_t)n - 2; /* what vsnprintf could write */
+    size_t len = (size_t)n + (m < 0 ? 0 : ((size_t)m < room ? (size_t)m : room));
+    /* A detail must not break the marker's line. */
+    for (size_t i = (size_t)n; i < len; i++)
+        if ((unsigned char)buf[i] < 0x20 || buf[i] == 0x7f)
+            buf[i] = '?';
+    buf[len++] = '\n';
+    write_all(STDOUT_FILENO, buf, len);
+}
+
+static void __attribute__((noreturn)) power_off(void)
+{
+    sync();
+    reboot(RB_POWER_OFF);
+    /* If power-off is refused, a reboot makes a -no-reboot VMM exit, and
+     * PID 1 exiting panics a kernel booted with panic=-1 into a reboot. */
+    reboot(RB_AUTOBOOT);
+    _exit(1);
+}
+
+static void __attribute__((noreturn, format(printf, 2, 3))) fail(const char *reason, const char *fmt, ...)
+{
+    char detail[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    marker("error reason=%s detail=%s", reason, detail);
+    power_off();
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p)
+        fail("out-of-memory", "allocation of %zu bytes failed", n * size);
+    return p;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+    char buf[4096];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof buf)
+        return -1;
+    memcpy(buf, path, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char saved = buf[i];
+            buf[i] = '\0';
+            if (mkdir(buf, mode) < 0 && errno != EEXIST)
+                return -1;
+            buf[i] = saved;
+        }
+    }
+    return 0;
+}
+
+static ssize_t read_small_file(const char *path, char *buf, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, size - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    buf[n] = '\0';
+    while (n > 0 && isspace((unsigned char)buf[n - 1]))
+        buf[--n] = '\0';
+    return n;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+/* ------------------------------------------------------------------ setup */
+
+static void mount_early(void)
+{
+    mkdir("/dev", 0755);
+    mkdir("/proc", 0555);
+    mkdir("/sys", 0555);
+    if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
+        fail("mount-failed", "devtmpfs on /dev: %s", strerror(errno));
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail("mount-failed", "proc on /proc: %s", strerror(errno));
+    if (mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail("mount-failed", "sysfs on /sys: %s", strerror(errno));
+}
+
+static void setup_console(void)
+{
+    /* The kernel hands PID 1 /dev/console when the initrd has the node;
+     * open it ourselves if it did not. */
+    if (fcntl(STDOUT_FILENO, F_GETFD) < 0) {
+        int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+        if (fd >= 0) {
+            dup2(fd, STDIN_FILENO);
+            dup2(fd, STDOUT_FILENO);
+            dup2(fd, STDERR_FILENO);
+            if (fd > STDERR_FILENO)
+                close(fd);
+        }
+    }
+    /* Raw output: the program's bytes reach the serial log unchanged (no
+     * newline translation), which byte-exact logs depend on. */
+    struct termios t;
+    if (tcgetattr(STDOUT_FILENO, &t) == 0) {
+        t.c_oflag &= ~(tcflag_t)OPOST;
+        tcsetattr(STDOUT_FILENO, TCSANOW, &t);
+    }
+}
+
+/* The module list: "<group> <path>" lines in load order (see modules.py).  Groups
+ * are loaded when needed; whatever is left is loaded once the program runs. */
+struct module {
+    char group[16];
+    char path[496];
+    int done;
+    int fd; /* opened before the root switch hides the initrd; -1 until then */
+};
+static struct module *modules;
+static size_t nmodules;
+/* Once the program runs, the console is its output: nothing of ours may interleave. */
+static int program_running;
+
+static void read_module_list(void)
+{
+    FILE *list = fopen(MODULE_LIST, "re");
+    if (!list)
+        fail("module-load-failed", "%s: %s", MODULE_LIST, strerror(errno));
+    char line[512];
+    while (fgets(line, sizeof line, list)) {
+        line[strcspn(line, "\n")] = '\0';
+        char *space = strchr(line, ' ');
+        if (!space || space == line || (size_t)(space - line) >= sizeof modules->group)
+            continue;
+        struct module *grown = realloc(modules, (nmodules + 1) * sizeof *grown);
+        if (!grown)
+            fail("out-of-memory", "module list");
+        modules = grown;
+        memset(&modules[nmodules], 0, sizeof *modules);
+        modules[nmodules].fd = -1;
+        memcpy(modules[nmodules].group, line, (size_t)(space - line));
+        snprintf(modules[nmodules].path, sizeof modules->path, "%s", space + 1);
+        nmodules++;
+    }
+    fclose(list);
+}
+
+static void load_module(struct module *m)
+{
+    if (m->done)
+        return;
+    /* Not fatal: a KERNEL_PATH kernel may have the driver built in.  A driver
+     * that is really missing shows up as a missing disk or interface. */
+    int by_path = m->fd < 0;
+    int fd = by_path ? open(m->path, O_RDONLY | O_CLOEXEC) : m->fd;
+    if ((fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)) && !program_running) {
+        char msg[768];
+        int n = snprintf(msg, sizeof msg, "dataplane-init: module %s: %s\n", m->path, strerror(errno));
+        write_all(STDERR_FILENO, msg, n < 0 ? 0 : ((size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1));
+    }
+    if (fd >= 0)
+        close(fd);
+    /* A path may sit in several groups: load it once. */
+    for (size_t i = 0; i < nmodules; i++)
+        if (strcmp(modules[i].path, m->path) == 0) {
+            modules[i].done = 1;
+            modules[i].fd = -1;
+        }
+    /* The module now lives in kernel memory; its file only costs RAM.  (Only
+     * before the root switch: afterwards the path would name a file of the image.) */
+    if (by_path)
+        unlink(m->path);
+}
+
+/* After the root switch the initrd's files are out of reach: keep what is still to be
+ * loaded open. */
+static void open_pending_modules(void)
+{
+    for (size_t i = 0; i < nmodules; i++) {
+        if (modules[i].done || modules[i].fd >= 0)
+            continue;
+        int fd = open(modules[i].path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        /* The open descriptor keeps the content; the name is no longer needed. */
+        unlink(modules[i].path);
+        for (size_t j = i; j < nmodules; j++)
+            if (strcmp(modules[j].path, modules[i].path) == 0)
+                modules[j].fd = fd;
+    }
+}
+
+/* group NULL: every module not loaded yet. */
+static void load_modules(const char *group)
+{
+    for (size_t i = 0; i < nmodules; i++)
+        if (!group || strcmp(modules[i].group, group) == 0)
+            load_module(&modules[i]);
+}
+
+/* Driver binding is synchronous on module load, but wait (bounded) for any
+ * virtio block device that is not bound yet so that a missing disk is a
+ * missing disk and not a slow probe. */
+static void wait_for_virtio_disks(void)
+{
+    for (int attempt = 0; attempt < 200; attempt++) {
+        DIR *d = opendir("/sys/bus/virtio/devices");
+        if (!d)
+            return;
+        int pending = 0;
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_name[0] == '.')
+                continue;
+            char path[512], value[64];
+            snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/device", e->d_name);
+            if (read_small_file(path, value, sizeof value) < 0 || strcmp(value, "0x0002") != 0)
+                continue;
+            snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/driver", e->d_name);
+            if (access(path, F_OK) < 0)
+                pending = 1;
+        }
+        closedir(d);
+        if (!pending)
+            return;
+        sleep_ms(10);
+    }
+}
+
+/* Fills devpath with /dev/<name> of the disk whose virtio serial is
+ * `serial`, creating the node if devtmpfs has not yet. */
+static int find_disk(const char *serial, char *devpath, size_t size)
+{
+    DIR *d = opendir("/sys/block");
+    if (!d)
+        return -1;
+    struct dirent *e;
+    int found = -1;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[512], value[128];
+        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        if (read_small_file(path, value, sizeof value) < 0 || strcmp(value, serial) != 0)
+            continue;
+        snprintf(path, sizeof path, "/sys/block/%s/dev", e->d_name);
+        unsigned major_no, minor_no;
+        if (read_small_file(path, value, sizeof value) < 0 ||
+            sscanf(value, "%u:%u", &major_no, &minor_no) != 2)
+            continue;
+        snprintf(devpath, size, "/dev/%s", e->d_name);
+        if (access(devpath, F_OK) < 0)
+            mknod(devpath, S_IFBLK | 0600, makedev(major_no, minor_no));
+        found = 0;
+        break;
+    }
+    closedir(d);
+    return found;
+}
+
+static int resolve_device(const char *source, char *devpath, size_t size)
+{
+    if (strncmp(source, "/dev/", 5) == 0) {
+        snprintf(devpath, size, "%s", source);
+        return access(devpath, F_OK);
+    }
+    return find_disk(source, devpath, size);
+}
+
+static const char *detect_fs(const char *dev)
+{
+    unsigned char sb[2048];
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    ssize_t n = pread(fd, sb, sizeof sb, 0);
+    close(fd);
+    if (n < (ssize_t)sizeof sb)
+        return NULL;
+    uint32_t erofs = (uint32_t)sb[1024] | (uint32_t)sb[1025] << 8 | (uint32_t)sb[1026] << 16 |
+                     (uint32_t)sb[1027] << 24;
+    if (erofs == 0xE0F5E1E2u)
+        return "erofs";
+    if (sb[1080] == 0x53 && sb[1081] == 0xEF)
+        return "ext4";
+    return NULL;
+}
+
+static void mount_disk(const char *what, const char *dev, const char *target, int readonly)
+{
+    const char *fs = detect_fs(dev);
+    if (!fs)
+        fail("mount-failed", "%s %s: no erofs or ext4 filesystem", what, dev);
+    if (strcmp(fs, "erofs") == 0)
+        load_modules("erofs");
+    unsigned long flags = MS_NODEV;
+    /* A read-only ext4 must not try to replay a journal on a read-only disk. */
+    const char *data = NULL;
+    if (readonly || strcmp(fs, "erofs") == 0) {
+        flags |= MS_RDONLY;
+        if (strcmp(fs, "ext4") == 0)
+            data = "noload";
+    }
+    if (mkdir_p(target, 0755) < 0)
+        fail("mount-failed", "%s: cannot create %s: %s", what, target, strerror(errno));
+    if (mount(dev, target, fs, flags, data) < 0)
+        fail("mount-failed", "%s %s (%s) on %s: %s", what, dev, fs, target, strerror(errno));
+}
+
+static int run_wait(char *const argv[])
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        if (null >= 0) {
+            dup2(null, STDOUT_FILENO);
+            dup2(null, STDERR_FILENO);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static void prepare_overlay_disk(const char *dev)
+{
+    if (detect_fs(dev))
+        return;
+    /* A blank overlay disk: format it here so the host may hand over a bare
+     * sparse file.  busybox makes ext2, which the built-in ext4 driver mounts. */
+    char *argv[] = {"/bin/busybox", "mke2fs", "-F", "-b", "4096", (char *)dev, NULL};
+    int rc = run_wait(argv);
+    if (rc != 0)
+        fail("mount-failed", "overlay %s: mke2fs exited with %d", dev, rc);
+}
+
+/* ----------------------------------------------------------------- config */
+
+static uint32_t crc32(const unsigned char *p, size_t n)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--) {
+        c ^= *p++;
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
+static uint32_t le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static char *dup_text(const unsigned char *p, uint32_t len, const char *field)
+{
+    if (memchr(p, '\0', len))
+        fail("bad-config", "%s contains a NUL byte", field);
+    char *s = xcalloc(1, (size_t)len + 1);
+    memcpy(s, p, len);
+    return s;
+}
+
+static void push(char ***list, size_t *count, char *item)
+{
+    char **grown = realloc(*list, (*count + 2) * sizeof **list);
+    if (!grown)
+        fail("out-of-memory", "config list");
+    grown[(*count)++] = item;
+    grown[*count] = NULL;
+    *list = grown;
+}
+
+static unsigned char *read_config_bytes(const char *dev, uint32_t *out_len)
+{
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail("bad-config", "open %s: %s", dev, strerror(errno));
+    unsigned char header[CONFIG_HEADER];
+    if (pread(fd, header, sizeof header, 0) != (ssize_t)sizeof header)
+        fail("bad-config", "%s: cannot read the header", dev);
+    if (memcmp(header, CONFIG_MAGIC, 8) != 0)
+        fail("bad-config", "%s: not a dataplane config disk (bad magic)", dev);
+    uint32_t len = le32(header + 8), crc = le32(header + 12);
+    if (len > CONFIG_MAX)
+        fail("bad-config", "%s: payload of %u bytes is too large", dev, len);
+    unsigned char *payload = xcalloc(1, len);
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, payload + done, len - done, (off_t)(CONFIG_HEADER + done));
+        if (n <= 0)
+            fail("bad-config", "%s: truncated payload (%zu of %u bytes)", dev, done, len);
+        done += (size_t)n;
+    }
+    close(fd);
+    if (crc32(payload, len) != crc)
+        fail("bad-config", "%s: checksum mismatch", dev);
+    *out_len = len;
+    return payload;
+}
+
+static void parse_config(const unsigned char *p, uint32_t len, struct config *cfg)
+{
+    uint32_t off = 0;
+    while (off < len) {
+        if (len - off < 5)
+            fail("bad-config", "truncated record at offset %u", off);
+        unsigned tag = p[off];
+        uint32_t vlen = le32(p + off + 1);
+        off += 5;
+        if (vlen > len - off)
+            fail("bad-config", "record %u overruns the payload", tag);
+        const unsigned char *v = p + off;
+        switch (tag) {
+        case TAG_ARG:
+            push(&cfg->argv, &cfg->argc, dup_text(v, vlen, "argv"));
+            break;
+        case TAG_ENV: {
+            char *kv = dup_text(v, vlen, "env");
+            if (!strchr(kv, '=') || kv[0] == '=')
+                fail("bad-config", "env entry without a name");
+            push(&cfg->envp, &cfg->envc, kv);
+            break;
+        }
+        case TAG_WORKDIR:
+            cfg->workdir = dup_text(v, vlen, "workdir");
+            break;
+        case TAG_USER:
+            cfg->user = dup_text(v, vlen, "user");
+            break;
+        case TAG_HOSTNAME:
+            cfg->hostname = dup_text(v, vlen, "hostname");
+            break;
+        case TAG_NET_ADDRESS:
+            if (vlen != 5 || v[4] > 32)
+                fail("bad-config", "network address record");
+            memcpy(cfg->address, v, 4);
+            cfg->prefix = v[4];
+            cfg->has_address = 1;
+            break;
+        case TAG_NET_GATEWAY:
+            if (vlen != 4)
+                fail("bad-config", "network gateway record");
+            memcpy(cfg->gateway, v, 4);
+            cfg->has_gateway = 1;
+            break;
+        case TAG_NET_DNS:
+            push(&cfg->dns, &cfg->ndns, dup_text(v, vlen, "dns"));
+            break;
+        case TAG_NET_MAC:
+            if (vlen != 6)
+                fail("bad-config", "network mac record");
+            memcpy(cfg->mac, v, 6);
+            cfg->has_mac = 1;
+            break;
+        case TAG_VOLUME: {
+            if (vlen < 3)
+                fail("bad-config", "volume record");
+            uint32_t slen = (uint32_t)v[1] | (uint32_t)v[2] << 8;
+            if (slen == 0 || slen > vlen - 3 || vlen - 3 - slen == 0)
+                fail("bad-config", "volume record");
+            struct volume *grown = realloc(cfg->volumes, (cfg->nvolumes + 1) * sizeof *grown);
+            if (!grown)
+                fail("out-of-memory", "volumes");
+            cfg->volumes = grown;
+            grown[cfg->nvolumes].readonly = v[0] != 0;
+            grown[cfg->nvolumes].source = dup_text(v + 3, slen, "volume source");
+            grown[cfg->nvolumes].target = dup_text(v + 3 + slen, vlen - 3 - slen, "volume path");
+            if (grown[cfg->nvolumes].target[0] != '/')
+                fail("bad-config", "volume path %s is not absolute", grown[cfg->nvolumes].target);
+            cfg->nvolumes++;
+            break;
+        }
+        default:
+            fail("bad-config", "unknown record tag %u", tag);
+        }
+        off += vlen;
+    }
+    if (cfg->argc == 0)
+        fail("bad-config", "no program to run (empty entrypoint and cmd)");
+}
+
+/* ---------------------------------------------------------------- network */
+
+static void set_ipv4(struct sockaddr *sa, const uint8_t ip[4])
+{
+    struct sockaddr_in *in = (struct sockaddr_in *)sa;
+    memset(in, 0, sizeof *in);
+    in->sin_family = AF_INET;
+    memcpy(&in->sin_addr, ip, 4);
+}
+
+static void if_up(int sock, const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0)
+        fail("network-failed", "%s: get flags: %s", name, strerror(errno));
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0)
+        fail("network-failed", "%s: up: %s", name, strerror(errno));
+}
+
+static int find_interface(const struct config *cfg, char *name, size_t size)
+{
+    char want[32] = "";
+    if (cfg->has_mac)
+        snprintf(want, sizeof want, "%02x:%02x:%02x:%02x:%02x:%02x", cfg->mac[0], cfg->mac[1],
+                 cfg->mac[2], cfg->mac[3], cfg->mac[4], cfg->mac[5]);
+    DIR *d = opendir("/sys/class/net");
+    if (!d)
+        return -1;
+    struct dirent *e;
+    int found = -1;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.' || strcmp(e->d_name, "lo") == 0)
+            continue;
+        if (cfg->has_mac) {
+            char path[512], value[64];
+            snprintf(path, sizeof path, "/sys/class/net/%s/address", e->d_name);
+            if (read_small_file(path, value, sizeof value) < 0 || strcasecmp(value, want) != 0)
+                continue;
+        }
+        snprintf(name, size, "%s", e->d_name);
+        found = 0;
+        break;
+    }
+    closedir(d);
+    return found;
+}
+
+static void setup_network(const struct config *cfg)
+{
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        fail("network-failed", "socket: %s", strerror(errno));
+    if_up(sock, "lo");
+    if (!cfg->has_address) {
+        close(sock);
+        return;
+    }
+    load_modules("net");
+    char name[IFNAMSIZ];
+    if (find_interface(cfg, name, sizeof name) < 0)
+        fail("network-failed", "no network interface%s", cfg->has_mac ? " with the configured MAC" : "");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+    set_ipv4(&ifr.ifr_addr, cfg->address);
+    if (ioctl(sock, SIOCSIFADDR, &ifr) < 0)
+        fail("network-failed", "%s: address: %s", name, strerror(errno));
+    uint32_t mask = cfg->prefix ? htonl(0xFFFFFFFFu << (32 - cfg->prefix)) : 0;
+    set_ipv4(&ifr.ifr_netmask, (const uint8_t *)&mask);
+    if (ioctl(sock, SIOCSIFNETMASK, &ifr) < 0)
+        fail("network-failed", "%s: netmask: %s", name, strerror(errno));
+    if_up(sock, name);
+    if (cfg->has_gateway) {
+        struct rtentry rt;
+        const uint8_t any[4] = {0, 0, 0, 0};
+        memset(&rt, 0, sizeof rt);
+        set_ipv4(&rt.rt_dst, any);
+        set_ipv4(&rt.rt_genmask, any);
+        set_ipv4(&rt.rt_gateway, cfg->gateway);
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        rt.rt_dev = name;
+        if (ioctl(sock, SIOCADDRT, &rt) < 0)
+            fail("network-failed", "default route: %s", strerror(errno));
+    }
+    close(sock);
+}
+
+static void write_file(const char *path, const char *content)
+{
+    /* Replace rather than write through: the image may ship a symlink here. */
+    unlink(path);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0)
+        fail("config-apply-failed", "%s: %s", path, strerror(errno));
+    write_all(fd, content, strlen(content));
+    close(fd);
+}
+
+static void write_resolv_conf(const struct config *cfg)
+{
+    if (cfg->ndns == 0)
+        return;
+    char buf[4096];
+    size_t used = 0;
+    for (size_t i = 0; i < cfg->ndns && used < sizeof buf; i++)
+        used += (size_t)snprintf(buf + used, sizeof buf - used, "nameserver %s\n", cfg->dns[i]);
+    mkdir("/etc", 0755);
+    write_file("/etc/resolv.conf", buf);
+}
+
+/* As Docker does: the program can resolve its own host name without DNS. */
+static void write_hosts(const struct config *cfg)
+{
+    if (!cfg->hostname || !*cfg->hostname)
+        return;
+    char own[32] = "127.0.1.1";
+    if (cfg->has_address)
+        snprintf(own, sizeof own, "%u.%u.%u.%u", cfg->address[0], cfg->address[1],
+                 cfg->address[2], cfg->address[3]);
+    char buf[1024];
+    snprintf(buf, sizeof buf, "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n%s\t%s\n",
+             own, cfg->hostname);
+    mkdir("/etc", 0755);
+    write_file("/etc/hosts", buf);
+}
+
+/* ------------------------------------------------------------ root switch */
+
+static void relocate_mount(const char *from, const char *to)
+{
+    mkdir(to, 0755);
+    if (mount(from, to, NULL, MS_MOVE, NULL) < 0)
+        fail("mount-failed", "move %s to %s: %s", from, to, strerror(errno));
+}
+
+static void build_root(const struct config *cfg)
+{
+    char dev[256];
+    wait_for_virtio_disks();
+    if (find_disk("image", dev, sizeof dev) < 0)
+        fail("no-image-disk", "no disk with serial 'image'");
+    mount_disk("image", dev, "/mnt/image", 1);
+
+    if (find_disk("overlay", dev, sizeof dev) < 0)
+        fail("no-overlay-disk", "no disk with serial 'overlay'");
+    prepare_overlay_disk(dev);
+    mount_disk("overlay", dev, "/mnt/overlay", 0);
+    if (mkdir_p("/mnt/overlay/upper", 0755) < 0 || mkdir_p("/mnt/overlay/work", 0755) < 0)
+        fail("mount-failed", "overlay directories: %s", strerror(errno));
+    mkdir("/newroot", 0755);
+    load_modules("overlay");
+    if (mount("overlay", "/newroot", "overlay", 0,
+              "lowerdir=/mnt/image,upperdir=/mnt/overlay/upper,workdir=/mnt/overlay/work") < 0)
+        fail("mount-failed", "overlay root: %s", strerror(errno));
+
+    for (size_t i = 0; i < cfg->nvolumes; i++) {
+        const struct volume *v = &cfg->volumes[i];
+        if (resolve_device(v->source, dev, sizeof dev) < 0)
+            fail("no-volume-disk", "volume %s: no such disk", v->source);
+        char target[4096];
+        snprintf(target, sizeof target, "/newroot%s", v->target);
+        mount_disk("volume", dev, target, v->readonly);
+    }
+
+    open_pending_modules();
+    relocate_mount("/dev", "/newroot/dev");
+    relocate_mount("/proc", "/newroot/proc");
+    relocate_mount("/sys", "/newroot/sys");
+    if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+        chdir("/") < 0)
+        fail("mount-failed", "switch root: %s", strerror(errno));
+    /* What containers expect beside /dev; neither is fatal to miss. */
+    mkdir("/dev/pts", 0755);
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666");
+    mkdir("/dev/shm", 01777);
+    mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+}
+
+/* ------------------------------------------------------------------- user */
+
+struct identity {
+    uid_t uid;
+    gid_t gid;
+    char name[256];
+    char home[1024];
+    gid_t groups[64];
+    int ngroups;
+};
+
+static int all_digits(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!isdigit((unsigned char)*s))
+            return 0;
+    return 1;
+}
+
+/* Splits a colon-separated line in place; returns the number of fields. */
+static int split_fields(char *line, char **fields, int max)
+{
+    int n = 0;
+    line[strcspn(line, "\n")] = '\0';
+    fields[n++] = line;
+    for (char *p = line; *p && n < max; p++)
+        if (*p == ':') {
+            *p = '\0';
+            fields[n++] = p + 1;
+        }
+    return n;
+}
+
+static int lookup_passwd(const char *user, struct identity *id)
+{
+    FILE *f = fopen("/etc/passwd", "re");
+    if (!f)
+        return -1;
+    char line[2048];
+    char *fl[7];
+    int found = -1;
+    while (fgets(line, sizeof line, f)) {
+        if (split_fields(line, fl, 7) < 7)
+            continue;
+        int match = all_digits(user) ? (uid_t)strtoul(fl[2], NULL, 10) == (uid_t)strtoul(user, NULL, 10)
+                                     : strcmp(fl[0], user) == 0;
+        if (!match)
+            continue;
+        id->uid = (uid_t)strtoul(fl[2], NULL, 10);
+        id->gid = (gid_t)strtoul(fl[3], NULL, 10);
+        snprintf(id->name, sizeof id->name, "%s", fl[0]);
+        snprintf(id->home, sizeof id->home, "%s", fl[5]);
+        found = 0;
+        break;
+    }
+    fclose(f);
+    return found;
+}
+
+static int lookup_group(const char *group, gid_t *gid)
+{
+    FILE *f = fopen("/etc/group", "re");
+    if (!f)
+        return -1;
+    char line[4096];
+    char *fl[4];
+    int found = -1;
+    while (fgets(line, sizeof line, f)) {
+        if (split_fields(line, fl, 4) < 3 || strcmp(fl[0], group) != 0)
+            continue;
+        *gid = (gid_t)strtoul(fl[2], NULL, 10);
+        found = 0;
+        break;
+    }
+    fclose(f);
+    return found;
+}
+
+static void supplementary_groups(struct identity *id)
+{
+    id->groups[0] = id->gid;
+    id->ngroups = 1;
+    if (!id->name[0])
+        return;
+    FILE *f = fopen("/etc/group", "re");
+    if (!f)
+        return;
+    char line[4096];
+    char *fl[4];
+    while (fgets(line, sizeof line, f) && id->ngroups < 64) {
+        if (split_fields(line, fl, 4) < 4)
+            continue;
+        for (char *member = strtok(fl[3], ","); member; member = strtok(NULL, ",")) {
+            if (strcmp(member, id->name) == 0) {
+                gid_t g = (gid_t)strtoul(fl[2], NULL, 10);
+                if (g != id->gid)
+                    id->groups[id->ngroups++] = g;
+                break;
+            }
+        }
+    }
+    fclose(f);
+}
+
+/* Docker's rules: "user", "uid", "user:group", "uid:gid"; a numeric uid
+ * missing from /etc/passwd is allowed, a name is not. */
+static int resolve_identity(const char *spec, struct identity *id, char *err, size_t errsize)
+{
+    memset(id, 0, sizeof *id);
+    snprintf(id->home, sizeof id->home, "/");
+    if (!spec || !*spec)
+        spec = "0";
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", spec);
+    char *group = strchr(buf, ':');
+    if (group)
+        *group++ = '\0';
+    if (lookup_passwd(buf, id) < 0) {
+        if (!all_digits(buf)) {
+            snprintf(err, errsize, "user %s not found in /etc/passwd", buf);
+            return -1;
+        }
+        id->uid = (uid_t)strtoul(buf, NULL, 10);
+        id->gid = 0;
+        id->name[0] = '\0';
+    }
+    if (group && *group) {
+        if (all_digits(group)) {
+            id->gid = (gid_t)strtoul(group, NULL, 10);
+        } else if (lookup_group(group, &id->gid) < 0) {
+            snprintf(err, errsize, "group %s not found in /etc/group", group);
+            return -1;
+        }
+        id->groups[0] = id->gid;
+        id->ngroups = 1;
+        return 0;
+    }
+    supplementary_groups(id);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- program */
+
+static const char *env_get(char **envp, const char *name)
+{
+    size_t len = strlen(name);
+    for (char **e = envp; e && *e; e++)
+        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+            return *e + len + 1;
+    return NULL;
+}
+
+static int find_program(const char *file, const char *path_env, char *out, size_t size)
+{
+    if (strchr(file, '/')) {
+        snprintf(out, size, "%s", file);
+        return access(out, F_OK);
+    }
+    const char *p = path_env ? path_env : DEFAULT_PATH;
+    while (1) {
+        const char *end = strchrnul(p, ':');
+        size_t dlen = (size_t)(end - p);
+        if (dlen == 0)
+            snprintf(out, size, "%s", file);
+        else
+            snprintf(out, size, "%.*s/%s", (int)dlen, p, file);
+        struct stat st;
+        if (stat(out, &st) == 0 && S_ISREG(st.st_mode) && access(out, X_OK) == 0)
+            return 0;
+        if (!*end)
+            return -1;
+        p = end + 1;
+    }
+}
+
+/* The child reports why it could not exec through a close-on-exec pipe:
+ * "reason\0detail".  Nothing arrives when execve succeeded. */
+static void __attribute__((noreturn)) child_fail(int pipe_fd, const char *reason, const char *detail)
+{
+    char buf[1024];
+    int n = snprintf(buf, sizeof buf, "%s%c%s", reason, '\0', detail);
+    write_all(pipe_fd, buf, n > 0 ? ((size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1) : 0);
+    _exit(127);
+}
+
+static void __attribute__((noreturn)) run_child(const struct config *cfg, int report)
+{
+    char err[1024];
+    struct identity id;
+    setsid();
+    int null = open("/dev/null", O_RDONLY);
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        if (null != STDIN_FILENO)
+            close(null);
+    }
+    if (resolve_identity(cfg->user, &id, err, sizeof err) < 0)
+        child_fail(report, "bad-user", err);
+
+    char **envp = NULL;
+    size_t envc = 0;
+    for (size_t i = 0; i < cfg->envc; i++)
+        push(&envp, &envc, cfg->envp[i]);
+    if (!env_get(envp, "PATH"))
+        push(&envp, &envc, "PATH=" DEFAULT_PATH);
+    if (!env_get(envp, "HOME")) {
+        char *home = xcalloc(1, strlen(id.home) + 6);
+        sprintf(home, "HOME=%s", id.home);
+        push(&envp, &envc, home);
+    }
+
+    if (setgroups((size_t)id.ngroups, id.groups) < 0 || setgid(id.gid) < 0 || setuid(id.uid) < 0) {
+        snprintf(err, sizeof err, "switch to %u:%u: %s", id.uid, id.gid, strerror(errno));
+        child_fail(report, "bad-user", err);
+    }
+    const char *workdir = cfg->workdir && *cfg->workdir ? cfg->workdir : "/";
+    if (chdir(workdir) < 0) {
+        snprintf(err, sizeof err, "workdir %s: %s", workdir, strerror(errno));
+        child_fail(report, "bad-workdir", err);
+    }
+    char path[4096];
+    if (find_program(cfg->argv[0], env_get(envp, "PATH"), path, sizeof path) < 0) {
+        snprintf(err, sizeof err, "%s: not found", cfg->argv[0]);
+        child_fail(report, "program-not-found", err);
+    }
+    marker("program-started");
+    execve(path, cfg->argv, envp);
+    int exec_errno = errno;
+    snprintf(err, sizeof err, "%s: %s", path, strerror(exec_errno));
+    child_fail(report, exec_errno == ENOENT ? "program-not-found" : "exec-failed", err);
+}
+
+static int run_program(const struct config *cfg)
+{
+    if (cfg->workdir && *cfg->workdir)
+        mkdir_p(cfg->workdir, 0755);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        fail("exec-failed", "pipe: %s", strerror(errno));
+    pid_t child = fork();
+    if (child < 0)
+        fail("exec-failed", "fork: %s", strerror(errno));
+    if (child == 0) {
+        close(fds[0]);
+        run_child(cfg, fds[1]);
+    }
+    close(fds[1]);
+    /* What the boot did not wait for (vsock, console, an unconfigured NIC) arrives now,
+     * while the program runs. */
+    program_running = 1;
+    load_modules(NULL);
+
+    int status = 0;
+    for (;;) {
+        int st;
+        pid_t pid = waitpid(-1, &st, 0);
+        if (pid == child) {
+            status = st;
+            break;
+        }
+        if (pid < 0 && errno != EINTR)
+            fail("exec-failed", "waitpid: %s", strerror(errno));
+    }
+    char report[1024];
+    ssize_t n = read(fds[0], report, sizeof report - 1);
+    if (n > 0) {
+        report[n] = '\0';
+        size_t reason_len = strlen(report);
+        fail(report, "%s", (ssize_t)reason_len < n ? report + reason_len + 1 : "");
+    }
+    /* The program is the instance: whatever it left behind ends with it. */
+    kill(-1, SIGKILL);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int main(void)
+{
+    mount_early();
+    setup_console();
+    marker("init-started");
+    read_module_list();
+    load_modules("core");
+
+    char dev[256];
+    wait_for_virtio_disks();
+    if (find_disk("config", dev, sizeof dev) < 0)
+        fail("no-config-disk", "no disk with serial 'config'");
+    struct config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    uint32_t len;
+    unsigned char *payload = read_config_bytes(dev, &len);
+    parse_config(payload, len, &cfg);
+
+    build_root(&cfg);
+    if (cfg.hostname && *cfg.hostname && sethostname(cfg.hostname, strlen(cfg.hostname)) < 0)
+        fail("config-apply-failed", "hostname: %s", strerror(errno));
+    setup_network(&cfg);
+    write_resolv_conf(&cfg);
+    write_hosts(&cfg);
+
+    int code = run_program(&cfg);
+    sync();
+    marker("program-exited code=%d", code);
+    power_off();
+}

@@ -1,0 +1,169 @@
+"""Starting, watching and ending VMM processes.
+
+VMMs run in their own session (and so their own process group) so a dataplane restart or a
+Ctrl-C on the dataplane's terminal does not reach them. A pid alone is not an identity: it is
+paired with the process's start time from ``/proc/<pid>/stat`` so a recycled pid is never
+mistaken for our VMM.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from .errors import VmmDied, VmmStartTimeout
+from .layout import VmmFiles
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks, or None when it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = raw.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class VmmProcess:
+    """One VMM process, either started by us (``child`` is set) or adopted by pid."""
+
+    def __init__(self, pid: int, start_time: int, child: Process | None = None) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self._child = child
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], files: VmmFiles, instance_id: str) -> VmmProcess:
+        files.prepare()
+        log = files.log.open("ab")
+        try:
+            try:
+                child = await anyio.open_process(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=str(files.workdir),
+                )
+            except OSError as exc:
+                raise VmmDied(instance_id, f"could not start {argv[0]!r}: {exc}") from exc
+        finally:
+            log.close()
+        start = proc_start_time(child.pid)
+        return cls(child.pid, start if start is not None else 0, child)
+
+    def alive(self) -> bool:
+        if self._child is not None and self._child.returncode is not None:
+            return False
+        return proc_start_time(self.pid) == self.start_time
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._child.returncode if self._child is not None else None
+
+    async def wait_exit(self, seconds: float) -> bool:
+        """Wait for the process to end; True when it did within ``seconds``."""
+        with anyio.move_on_after(seconds):
+            if self._child is not None:
+                await self._child.wait()
+                return True
+            delay = 0.01
+            while self.alive():
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            return True
+        return not self.alive()
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if not self.alive():
+            return
+        try:
+            # The VMM leads its own session, so its group holds it and anything it forked.
+            if os.getpgid(self.pid) == self.pid:
+                os.killpg(self.pid, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    async def terminate(self, grace: float = 3.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns once the process is gone."""
+        self.signal_group(signal.SIGTERM)
+        if await self.wait_exit(grace):
+            return
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exit(5.0)
+
+    async def aclose(self) -> None:
+        if self._child is not None:
+            await self._child.aclose()
+
+
+async def binary_version(binary: str) -> str:
+    """First line of ``binary --version``; raises OSError or CalledProcessError when it fails."""
+    result = await anyio.run_process([binary, "--version"], stdin=subprocess.DEVNULL)
+    lines = result.stdout.decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+            return False
+        return False
+    finally:
+        probe.close()
+
+
+async def wait_for_socket(
+    process: VmmProcess, files: VmmFiles, instance_id: str, seconds: float
+) -> None:
+    """Return once the VMM accepts connections on its socket.
+
+    Polls with a short, growing interval and watches the process at each step, so a VMM that
+    dies fails at once and one that hangs fails after ``seconds``.
+    """
+    delay = 0.005
+    with anyio.move_on_after(seconds):
+        while True:
+            if not process.alive():
+                raise VmmDied(
+                    instance_id,
+                    f"VMM exited with code {process.exit_code} before its socket came up"
+                    + _log_suffix(files),
+                    process.exit_code,
+                )
+            if files.socket.exists() and await anyio.to_thread.run_sync(
+                _socket_answers, files.socket
+            ):
+                return
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    raise VmmStartTimeout(
+        instance_id,
+        f"VMM socket {str(files.socket)!r} did not come up within {seconds:g} s"
+        + _log_suffix(files),
+    )
+
+
+def _log_suffix(files: VmmFiles) -> str:
+    tail = files.log_tail()
+    return f" (VMM log: {tail})" if tail else ""

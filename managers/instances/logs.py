@@ -1,0 +1,199 @@
+"""Bounded, resumable instance logs.
+
+A log is a short series of *segments*, files named by the global byte offset at
+which they start (``app-000000004194304.log``). Appending past the segment size
+starts a new segment and drops the oldest beyond :data:`KEEP_SEGMENTS`, so a log
+never holds more than ``KEEP_SEGMENTS * SEGMENT_BYTES`` bytes, yet every byte
+keeps the global offset it was written at. That offset is the SSE event id: a
+client that reconnects with ``Last-Event-ID`` resumes exactly after the last line
+it saw, across rotations and across dataplane restarts, with no index file to
+keep consistent (the names are the index, and a rename-free rotation cannot be
+half-done by a crash).
+
+Readers only ever see complete lines; a line longer than :data:`MAX_LINE` is cut
+into pieces so one runaway program cannot make a reader buffer without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+SEGMENT_BYTES = 4 * 1024 * 1024
+KEEP_SEGMENTS = 2
+MAX_LINE = 64 * 1024
+_SEGMENT = re.compile(r"^(?P<source>[a-z]+)-(?P<start>\d{15})\.log$")
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    offset: int
+    """Global offset just past this line: the id to resume after it."""
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    start: int
+    path: Path
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+class SegmentedLog:
+    """One source's log (``app``, ``vmm`` or ``dataplane``) in one folder."""
+
+    def __init__(
+        self,
+        folder: Path,
+        source: str,
+        *,
+        segment_bytes: int = SEGMENT_BYTES,
+        keep: int = KEEP_SEGMENTS,
+    ) -> None:
+        self.folder = folder
+        self.source = source
+        self.segment_bytes = segment_bytes
+        self.keep = keep
+
+    def _segments(self) -> list[_Segment]:
+        found: list[_Segment] = []
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            match = _SEGMENT.match(entry.name)
+            if match and match["source"] == self.source:
+                found.append(_Segment(int(match["start"]), Path(entry.path)))
+        found.sort(key=lambda s: s.start)
+        return found
+
+    def end(self) -> int:
+        segments = self._segments()
+        if not segments:
+            return 0
+        return segments[-1].start + segments[-1].size()
+
+    def start(self) -> int:
+        segments = self._segments()
+        return segments[0].start if segments else 0
+
+    # -- writing --------------------------------------------------------------
+    def append(self, data: bytes) -> None:
+        """Append ``data``; a single writer per log is assumed (the pump or our logger)."""
+        if not data:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        segments = self._segments()
+        if segments:
+            current = segments[-1]
+            size = current.size()
+        else:
+            current = _Segment(0, self._path(0))
+            size = 0
+        if size > 0 and size + len(data) > self.segment_bytes:
+            current = _Segment(current.start + size, self._path(current.start + size))
+            segments.append(current)
+        with current.path.open("ab") as handle:
+            handle.write(data)
+        for old in segments[: -self.keep]:
+            old.path.unlink(missing_ok=True)
+
+    def _path(self, start: int) -> Path:
+        return self.folder / f"{self.source}-{start:015d}.log"
+
+    # -- reading --------------------------------------------------------------
+    def read_lines(self, offset: int, *, final: bool = False) -> tuple[list[LogLine], int]:
+        """Complete lines from ``offset`` on, and the offset to continue from.
+
+        An offset older than the oldest segment (rotated away) continues from the
+        oldest byte still kept. With ``final``, a trailing partial line is returned too.
+        """
+        segments = self._segments()
+        if not segments:
+            return [], offset
+        lines: list[LogLine] = []
+        position = max(offset, segments[0].start)
+        for index, segment in enumerate(segments):
+            size = segment.size()
+            end = segment.start + size
+            if position >= end:
+                continue
+            with segment.path.open("rb") as handle:
+                handle.seek(position - segment.start)
+                data = handle.read(end - position)
+            last_segment = index == len(segments) - 1
+            consumed = _split_lines(data, position, lines, final=final and last_segment)
+            position += consumed
+            if consumed < len(data):
+                # A partial line at the end of a segment that is no longer written to
+                # (a newer one exists) is complete as far as it will ever be.
+                if not last_segment:
+                    lines.append(LogLine(end, data[consumed:]))
+                    position = end
+                else:
+                    break
+        return lines, position
+
+    def tail(self, count: int) -> tuple[list[LogLine], int]:
+        """The last ``count`` complete lines and the offset after them."""
+        if count <= 0:
+            end = self.end()
+            return [], end
+        # Read backwards in growing windows until enough lines are found.
+        end = self.end()
+        window = 16 * 1024
+        while True:
+            start = max(self.start(), end - window)
+            lines, position = self.read_lines(start)
+            if start > self.start() and lines:
+                lines = lines[1:]  # the first may be the tail of a cut line
+            if len(lines) >= count or start <= self.start():
+                return lines[-count:], position
+            window *= 4
+
+    async def follow(
+        self, offset: int, *, poll_seconds: float = 0.1
+    ) -> AsyncIterator[list[LogLine]]:
+        """Batches of new lines as they are written; an empty batch when a poll found none.
+
+        Polling a file's size is cheap and works for every writer (our pump, our own
+        logger) without inotify plumbing; the poll interval bounds the added latency.
+        """
+        position = offset
+        while True:
+            lines, position = await anyio.to_thread.run_sync(self.read_lines, position)
+            yield lines
+            if not lines:
+                await anyio.sleep(poll_seconds)
+
+
+def _split_lines(data: bytes, base: int, out: list[LogLine], *, final: bool) -> int:
+    """Append the lines in ``data`` (starting at global ``base``) to ``out``; return bytes used."""
+    used = 0
+    length = len(data)
+    while used < length:
+        newline = data.find(b"\n", used, used + MAX_LINE)
+        if newline == -1:
+            if length - used >= MAX_LINE:
+                cut = used + MAX_LINE
+                out.append(LogLine(base + cut, data[used:cut]))
+                used = cut
+                continue
+            if final:
+                out.append(LogLine(base + length, data[used:]))
+                used = length
+            break
+        out.append(LogLine(base + newline + 1, data[used:newline]))
+        used = newline + 1
+    return used

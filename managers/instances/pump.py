@@ -1,0 +1,167 @@
+"""The log pump: raw VMM output files -> bounded instance logs, and guest markers -> status.
+
+The VMM writes the guest's serial console and its own stdout/stderr to plain
+files it owns. One pump per instance copies what is new into the segmented
+``app`` and ``vmm`` logs (which rotate, keep global offsets and survive
+restore, so before and after a standby are one stream), and reads the init's
+markers on the way to tell when the program started and how it exited.
+
+Its position in each raw file is saved in ``pump.json`` so a restarted
+dataplane continues where it stopped; a raw file that shrank or was replaced
+(a new VMM truncates it) is read from its beginning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from managers.atomic import write_json_atomic
+from managers.guest import MarkerKind, parse_marker
+from managers.instances.logs import SegmentedLog
+from managers.instances.types import GuestStatus
+
+log = logging.getLogger("managers.instances.pump")
+
+CHUNK = 256 * 1024
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Source:
+    def __init__(self, raw: Path, target: SegmentedLog) -> None:
+        self.raw = raw
+        self.target = target
+        self.inode = 0
+        self.offset = 0
+        self.partial = b""
+
+    def state(self) -> dict[str, int]:
+        return {"inode": self.inode, "offset": self.offset}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self.inode = int(data.get("inode", 0))
+        self.offset = int(data.get("offset", 0))
+
+    def read_new(self) -> bytes:
+        try:
+            stat = os.stat(self.raw)
+        except FileNotFoundError:
+            return b""
+        if stat.st_ino != self.inode or stat.st_size < self.offset:
+            self.inode = stat.st_ino
+            self.offset = 0
+            self.partial = b""
+        if stat.st_size == self.offset:
+            return b""
+        with self.raw.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read(min(CHUNK, stat.st_size - self.offset))
+        self.offset += len(data)
+        self.target.append(data)
+        return data
+
+
+class LogPump:
+    def __init__(
+        self,
+        *,
+        serial_raw: Path,
+        vmm_raw: Path,
+        app_log: SegmentedLog,
+        vmm_log: SegmentedLog,
+        state_file: Path,
+        status_file: Path,
+        on_status: Callable[[GuestStatus], None] | None = None,
+    ) -> None:
+        self._serial = _Source(serial_raw, app_log)
+        self._vmm = _Source(vmm_raw, vmm_log)
+        self._state_file = state_file
+        self._status_file = status_file
+        self._on_status = on_status
+        self.status = read_status(status_file)
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict):
+            self._serial.restore(data.get("serial") or {})
+            self._vmm.restore(data.get("vmm") or {})
+
+    def _save(self) -> None:
+        write_json_atomic(
+            self._state_file, {"serial": self._serial.state(), "vmm": self._vmm.state()}
+        )
+
+    def new_boot(self) -> GuestStatus:
+        """A new VMM is about to write the serial file from its start: forget the old boot."""
+        self.status = GuestStatus(boot=self.status.boot + 1)
+        write_json_atomic(self._status_file, self.status.to_dict())
+        return self.status
+
+    def drain(self) -> bool:
+        """Copy everything new once; True when anything was copied."""
+        moved = False
+        while True:
+            serial = self._serial.read_new()
+            vmm = self._vmm.read_new()
+            if serial:
+                self._scan(serial)
+            if not serial and not vmm:
+                break
+            moved = True
+        if moved:
+            self._save()
+        return moved
+
+    def _scan(self, data: bytes) -> None:
+        text = self._serial.partial + data
+        lines = text.split(b"\n")
+        self._serial.partial = lines.pop()[-4096:]
+        status = self.status
+        for raw in lines:
+            if b"@@dataplane-guest@@" not in raw:
+                continue
+            marker = parse_marker(raw.decode("utf-8", "replace"))
+            if marker is None:
+                continue
+            if marker.kind is MarkerKind.PROGRAM_STARTED:
+                status = replace(status, program_started_at=now_iso())
+            elif marker.kind is MarkerKind.PROGRAM_EXITED:
+                status = replace(status, exited_at=now_iso(), exit_code=marker.exit_code)
+            elif marker.kind is MarkerKind.ERROR:
+                detail = f": {marker.detail}" if marker.detail else ""
+                status = replace(status, exited_at=now_iso(), error=f"{marker.reason}{detail}")
+        if status != self.status:
+            self.status = status
+            write_json_atomic(self._status_file, status.to_dict())
+            if self._on_status is not None:
+                self._on_status(status)
+
+    async def run(self, poll_seconds: float = 0.1) -> None:
+        """Pump until cancelled; a final drain happens in :meth:`drain` by the caller."""
+        while True:
+            moved = await anyio.to_thread.run_sync(self.drain)
+            if not moved:
+                await anyio.sleep(poll_seconds)
+
+
+def read_status(path: Path) -> GuestStatus:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return GuestStatus()
+    return GuestStatus.from_dict(data) if isinstance(data, dict) else GuestStatus()

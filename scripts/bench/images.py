@@ -1,0 +1,169 @@
+"""Benchmark: cold pull -> ready disk, against the hand pipeline, and a warm re-pull.
+
+Generates a ~200 MB multi-layer image, pushes it to a local ``docker-registry`` on 127.0.0.1,
+then in one run measures (each ``--rounds`` times, alternating, best kept):
+
+* hand:  ``skopeo copy`` + ``umoci unpack --rootless`` + ``mkfs.erofs``
+* cold:  ``ImageManager.request`` on an empty data dir until the image is ready
+* warm:  ``ImageManager.request`` of the same tag again, the image already ready
+
+and prints the ratios. Targets: cold/hand <= 1.0, warm/cold < 0.05.
+
+    .venv/bin/python scripts/bench/images.py [--size-mb 200] [--layers 5] [--rounds 2]
+                                             [--disk-scratch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from managers.images import ImageManager, ImageStatus
+from managers.images.scratch import DEFAULT_SCRATCH
+from managers.paths import Paths
+from tests.support.oci_builder import LayerBuilder, Pusher, make_image
+from tests.support.registry import running_registry
+
+REPO = "bench/big"
+# File sizes and their weights: mostly small files, like a distribution's /usr (~3,500 files).
+_SIZES = (2_000, 8_000, 30_000, 120_000, 2_000_000)
+_WEIGHTS = (40, 30, 20, 8, 2)
+TAG = "v1"
+
+
+def _content(rng: random.Random, size: int) -> bytes:
+    """Half random, half repetitive text: compresses about 2:1 like real binaries and libraries."""
+    half = size // 2
+    text = (b"lorem ipsum dolor sit amet %d\n" % rng.randrange(1000)) * (half // 28 + 1)
+    return rng.randbytes(half) + text[: size - half]
+
+
+def generate_layers(size_mb: int, layers: int) -> list[tuple[bytes, str]]:
+    rng = random.Random(42)
+    per_layer = size_mb * (1 << 20) // layers
+    built = []
+    files = 0
+    for n in range(layers):
+        layer = LayerBuilder().dir(f"layer{n}")
+        remaining = per_layer
+        i = 0
+        while remaining > 0:
+            # Mostly small files (like /usr/lib, /usr/share) plus some large ones.
+            size = rng.choices(_SIZES, _WEIGHTS)[0]
+            size = min(size, remaining)
+            directory = f"layer{n}/d{i % 40}"
+            if i < 40:
+                layer.dir(directory)
+            layer.file(f"{directory}/f{i}", _content(rng, size), mode=rng.choice((0o644, 0o755)))
+            remaining -= size
+            i += 1
+        files += i
+        if n:
+            layer.whiteout(f"layer{n - 1}/d0/f0")
+        built.append(layer.build(level=1))
+    print(f"generated {files} files")
+    return built
+
+
+def hand_pipeline(host: str, work: Path) -> float:
+    layout, bundle, disk = work / "oci", work / "bundle", work / "hand.erofs"
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+         f"docker://{host}/{REPO}:{TAG}", f"oci:{layout}:{TAG}"],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:{TAG}", str(bundle)], check=True
+    )
+    subprocess.run(["mkfs.erofs", "--quiet", str(disk), str(bundle / "rootfs")], check=True)
+    elapsed = time.perf_counter() - start
+    print(f"  hand disk: {disk.stat().st_size / (1 << 20):.0f} MB")
+    shutil.rmtree(work, ignore_errors=True)
+    return elapsed
+
+
+async def ours(host: str, work: Path, ram_scratch: bool) -> tuple[float, float]:
+    name = f"{host}/{REPO}:{TAG}"
+    scratch = DEFAULT_SCRATCH if ram_scratch else None
+    manager = ImageManager(Paths(work), insecure_registries=frozenset({host}), scratch_dir=scratch)
+    async with manager:
+        start = time.perf_counter()
+        requested = await manager.request(name)
+        async for image in manager.subscribe(requested.digest):
+            final = image
+        cold = time.perf_counter() - start
+        if final.status != ImageStatus.READY:
+            raise SystemExit(f"build failed: {final.error}")
+        start = time.perf_counter()
+        again = await manager.request(name)
+        warm = time.perf_counter() - start
+        assert again.status == ImageStatus.READY
+        assert final.disk_path is not None
+        print(f"  our disk: {final.disk_path.stat().st_size / (1 << 20):.0f} MB")
+    shutil.rmtree(work, ignore_errors=True)
+    return cold, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--disk-scratch", action="store_true", help="unpack under DATA_DIR, not in /dev/shm"
+    )
+    args = parser.parse_args()
+    for tool in ("docker-registry", "skopeo", "umoci", "mkfs.erofs"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is required")
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        root = Path(tmp)
+        with running_registry(root / "registry") as registry:
+            t0 = time.perf_counter()
+            layers = generate_layers(args.size_mb, args.layers)
+            image = make_image(layers)
+            pusher = Pusher(registry.host)
+            pusher.image(REPO, TAG, image)
+            pusher.close()
+            compressed = sum(len(blob) for blob, _ in layers) / (1 << 20)
+            print(
+                f"image: {args.layers} layers, {args.size_mb} MB unpacked, {compressed:.0f} MB "
+                f"compressed (generated and pushed in {time.perf_counter() - t0:.1f} s)"
+            )
+            hand_times, cold_times, warm_times = [], [], []
+            for round_ in range(args.rounds):
+                hand_times.append(hand_pipeline(registry.host, root / f"hand{round_}"))
+                cold, warm = anyio.run(
+                    ours, registry.host, root / f"ours{round_}", not args.disk_scratch
+                )
+                cold_times.append(cold)
+                warm_times.append(warm)
+                print(
+                    f"round {round_ + 1}: hand {hand_times[-1]:.2f} s, cold {cold:.2f} s, "
+                    f"warm {warm * 1000:.1f} ms"
+                )
+    hand, cold, warm = min(hand_times), min(cold_times), min(warm_times)
+    print(f"hand pipeline (skopeo copy + umoci unpack --rootless + mkfs.erofs): {hand:.2f} s")
+    print(
+        f"cold pull -> ready:  {cold:.2f} s   ratio cold/hand = {cold / hand:.2f} (target <= 1.0)"
+    )
+    print(f"warm re-pull:        {warm * 1000:.1f} ms  ratio warm/cold = {warm / cold:.4f}", end="")
+    print(" (target < 0.05)")
+    print(f"cpu cores: {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+"""The image manager against a real registry, real mkfs, and the finished disk read back."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from managers.images import (
+    FormatConflict,
+    ImageInUse,
+    ImageManager,
+    ImageNotFound,
+    ImageStatus,
+    InvalidReference,
+    RegistryAuthFailed,
+    RegistryUnreachable,
+)
+from managers.images.types import Image
+from managers.paths import Paths
+from tests.support.oci_builder import (
+    STANDARD_TREE,
+    BuiltImage,
+    LayerBuilder,
+    Pusher,
+    TreeEntry,
+    make_image,
+    read_tree,
+    sha256,
+    standard_layers,
+)
+from tests.support.registry import (
+    LocalRegistry,
+    registry_available,
+    running_registry,
+    token_auth_proxy,
+)
+
+_TOOLS = ("docker-registry", "mkfs.erofs", "fsck.erofs", "dump.erofs", "mkfs.ext4", "debugfs")
+_missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(bool(_missing), reason=f"needs {', '.join(_missing)} installed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="disk owners are only kept when run as root"),
+]
+
+CONFIG = {
+    "Entrypoint": ["/bin/tool"],
+    "Cmd": ["--flag", "two words"],
+    "Env": ["PATH=/bin", "GREETING=hello"],
+    "WorkingDir": "/home/user",
+    "User": "1000:1000",
+    "ExposedPorts": {"8080/tcp": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    assert registry_available()
+    with running_registry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def pusher(registry: LocalRegistry) -> Iterator[Pusher]:
+    client = Pusher(registry.host)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def standard(pusher: Pusher) -> BuiltImage:
+    image = make_image([layer.build() for layer in standard_layers()], config=CONFIG)
+    pusher.image("test/standard", "v1", image)
+    return image
+
+
+def _manager(root: Path, registry: LocalRegistry, **kwargs: object) -> ImageManager:
+    """A manager whose RAM scratch is a plain directory beside ``root``, to check it is emptied."""
+    options: dict[str, object] = {
+        "scratch_dir": _scratch(root),
+        "insecure_registries": frozenset({registry.host}),
+        "resolve_timeout": 3.0,
+        "docker_config": root / "no-docker-config.json",
+    }
+    options.update(kwargs)
+    return ImageManager(Paths(root), **options)  # type: ignore[arg-type]
+
+
+def _scratch(root: Path) -> Path:
+    scratch = root.parent / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
+@pytest.fixture
+async def manager(tmp_path: Path, registry: LocalRegistry) -> AsyncIterator[ImageManager]:
+    async with _manager(tmp_path / "data", registry) as running:
+        yield running
+
+
+async def _finish(manager: ImageManager, digest: str) -> tuple[Image, list[ImageStatus]]:
+    """Follow the image to ready/failed; the deadline only guards against a hung build."""
+    seen: list[ImageStatus] = []
+    image = None
+    with anyio.fail_after(120):
+        async for image in manager.subscribe(digest):
+            if not seen or seen[-1] != image.status:
+                seen.append(image.status)
+    assert image is not None
+    return image, seen
+
+
+def _erofs_tree(disk: Path, dest: Path) -> tuple[dict[str, TreeEntry], bool]:
+    """The disk's tree and whether hard1/hard2 share an inode.
+
+    A read-only loop mount shows everything; where mounting is impossible, fsck.erofs extracts the
+    tree, which (like dump.erofs) loses setuid/setgid bits, so only permission bits compare then.
+    """
+    dest.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "erofs", "-o", "loop,ro", str(disk), str(dest)], capture_output=True
+    )
+    if mounted.returncode == 0:
+        try:
+            tree = read_tree(dest)
+            linked = (
+                "hard1" in tree and os.stat(dest / "hard1").st_ino == os.stat(dest / "hard2").st_ino
+            )
+        finally:
+            subprocess.run(["umount", str(dest)], check=True)
+        return tree, linked
+    extracted = dest / "x"
+    subprocess.run(
+        ["fsck.erofs", f"--extract={extracted}", "--preserve", str(disk)],
+        check=True,
+        capture_output=True,
+    )
+    tree = {p: (k, m & 0o777, u, g, c) for p, (k, m, u, g, c) in read_tree(extracted).items()}
+    return tree, "hard1" in tree and _erofs_nid(disk, "/hard1") == _erofs_nid(disk, "/hard2")
+
+
+def _erofs_nid(disk: Path, path: str) -> str:
+    out = subprocess.run(
+        ["dump.erofs", f"--path={path}", str(disk)], check=True, capture_output=True, text=True
+    ).stdout
+    match = re.search(r"NID: (\d+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def _comparable(tree: dict[str, TreeEntry], actual: dict[str, TreeEntry]) -> dict[str, TreeEntry]:
+    """``tree`` with special mode bits dropped when ``actual`` came from a bit-losing extraction."""
+    if any(m & 0o7000 for _k, m, _u, _g, _c in actual.values()):
+        return tree
+    return {p: (k, m & 0o777, u, g, c) for p, (k, m, u, g, c) in tree.items()}
+
+
+def _ext4_tree(disk: Path, dest: Path) -> dict[str, TreeEntry]:
+    """debugfs rdump for kinds and contents; its ``stat`` for modes, owners (rdump drops suid)."""
+    dest.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(disk)], check=True, capture_output=True)
+    shutil.rmtree(dest / "lost+found")
+    tree = read_tree(dest)
+    commands = "".join(f'stat "/{path}"\n' for path in tree)
+    script = dest.parent / "stat.cmds"
+    script.write_text(commands)
+    out = subprocess.run(
+        ["debugfs", "-f", str(script), str(disk)], check=True, capture_output=True, text=True
+    ).stdout
+    stats = re.findall(
+        r"Inode: (\d+)\s+Type: \w+\s+Mode:\s+(\d+).*?User:\s+(\d+)\s+Group:\s+(\d+)", out, re.S
+    )
+    assert len(stats) == len(tree)
+    for (path, entry), (_inode, mode, uid, gid) in zip(tree.items(), stats, strict=True):
+        kind, _mode, _uid, _gid, payload = entry
+        tree[path] = (kind, 0 if kind == "symlink" else int(mode, 8), int(uid), int(gid), payload)
+    return tree
+
+
+async def test_pull_builds_an_erofs_disk_matching_the_layers(
+    manager: ImageManager, registry: LocalRegistry, standard: BuiltImage, tmp_path: Path
+) -> None:
+    name = f"{registry.host}/test/standard:v1"
+    requested = await manager.request(name)
+    assert requested.status == ImageStatus.PENDING
+    assert requested.digest == standard.manifest_digest
+    assert requested.name == name
+
+    image, seen = await _finish(manager, requested.digest)
+    assert image.status == ImageStatus.READY, image.error
+    assert seen[0] == ImageStatus.PENDING
+    assert seen[-3:] == [ImageStatus.UNPACKING, ImageStatus.CONVERTING, ImageStatus.READY]
+    assert ImageStatus.PULLING in seen
+    assert image.disk_path is not None
+    assert image.disk_path.name == "rootfs.erofs"
+    assert image.size == image.disk_path.stat().st_size
+    assert image.config is not None
+    assert image.config.entrypoint == ("/bin/tool",)
+    assert image.config.cmd == ("--flag", "two words")
+    assert image.config.env == ("PATH=/bin", "GREETING=hello")
+    assert (image.config.workdir, image.config.user) == ("/home/user", "1000:1000")
+    assert image.config.exposed_ports == ("8080/tcp",)
+
+    tree, hardlinked = _erofs_tree(image.disk_path, tmp_path / "out")
+    assert tree == _comparable(STANDARD_TREE, tree)
+    assert hardlinked
+
+    # Second request of a ready image: the same image, no rebuild.
+    again = await manager.request(name)
+    assert again == image
+    assert await manager.get(name) == image
+    assert await manager.get(image.digest) == image
+    assert [i.digest for i in await manager.list()] == [image.digest]
+
+    # Nothing temporary is left behind.
+    assert list(_scratch(tmp_path / "data").iterdir()) == []
+    paths = Paths(tmp_path / "data")
+    assert [p.name for p in paths.tmp.iterdir()] == ["blobs"]
+    assert list((paths.tmp / "blobs").iterdir()) == []
+    assert sorted(p.name for p in paths.image_dir(image.digest).iterdir()) == [
+        "metadata.json",
+        "rootfs.erofs",
+    ]
+
+
+async def test_layout_is_readable_by_umoci(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    """Docker schema-2 media types are rewritten so umoci accepts the layout, and umoci's own
+    unpack agrees with ours on every path, kind, content and mode."""
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed")
+    image = make_image([layer.build() for layer in standard_layers()], docker=True)
+    pusher.image("test/docker", "v1", image)
+    requested = await manager.request(f"{registry.host}/test/docker:v1", "ext4")
+    ready, _ = await _finish(manager, requested.digest)
+    assert ready.status == ImageStatus.READY, ready.error
+    assert ready.disk_path is not None
+    assert ready.disk_path.name == "rootfs.ext4"
+    ours = _ext4_tree(ready.disk_path, tmp_path / "ours")
+    assert ours == STANDARD_TREE
+
+    layout = Paths(tmp_path / "data").oci_layout
+    ref = ready.digest.partition(":")[2]
+    bundle = tmp_path / "bundle"
+    await anyio.run_process(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:{ref}", str(bundle)]
+    )
+    theirs = read_tree(bundle / "rootfs")
+
+    def without_owners(tree: dict[str, TreeEntry]) -> dict[str, tuple[object, ...]]:
+        return {path: (kind, mode, payload) for path, (kind, mode, _u, _g, payload) in tree.items()}
+
+    assert without_owners(theirs) == without_owners(STANDARD_TREE)
+
+
+async def test_manifest_list_and_index_pick_the_host_platform(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    def arch_image(arch: str, docker: bool) -> BuiltImage:
+        layer = LayerBuilder().file("arch", arch.encode()).build()
+        return make_image([layer], docker=docker, arch=arch)
+
+    for docker, repo in ((True, "test/list"), (False, "test/index")):
+        amd64, arm64 = arch_image("amd64", docker), arch_image("arm64", docker)
+        index_digest = pusher.index(
+            repo, "multi", [(arm64, "linux", "arm64"), (amd64, "linux", "amd64")], docker=docker
+        )
+        requested = await manager.request(f"{registry.host}/{repo}:multi")
+        assert requested.digest == index_digest
+        ready, _ = await _finish(manager, requested.digest)
+        assert ready.status == ImageStatus.READY, ready.error
+        assert ready.disk_path is not None
+        tree, _ = _erofs_tree(ready.disk_path, tmp_path / repo.replace("/", "-"))
+        assert tree == {"arch": ("file", 0o644, 0, 0, b"amd64")}
+
+
+async def test_shared_layers_once_and_moved_tags(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    shared = LayerBuilder().file("shared", os.urandom(4096)).build()
+    first = make_image([shared, LayerBuilder().file("v", b"1").build()])
+    second = make_image([shared, LayerBuilder().file("v", b"2").build()])
+    pusher.image("test/moving", "latest", first)
+    name = f"{registry.host}/test/moving"
+
+    one = await manager.request(name)
+    assert one.name == f"{name}:latest"
+    both_one = [await manager.request(name) for _ in range(2)]
+    assert {i.digest for i in both_one} == {one.digest}  # same digest queued once
+    one_ready, _ = await _finish(manager, one.digest)
+    assert one_ready.status == ImageStatus.READY
+
+    pusher.image("test/moving", "latest", second)  # the tag moves
+    two = await manager.request(name)
+    assert two.digest == second.manifest_digest != one.digest
+    two_ready, _ = await _finish(manager, two.digest)
+    assert two_ready.status == ImageStatus.READY
+    assert await manager.get(name) == two_ready
+    assert await manager.get(one.digest) == one_ready
+
+    blobs = {p.name for p in (Paths(tmp_path / "data").oci_layout / "blobs/sha256").iterdir()}
+    assert sha256(shared[0]).partition(":")[2] in blobs
+    # 2 manifests + 2 configs + 3 distinct layers: the shared layer is stored once.
+    assert len(blobs) == 7
+
+    with pytest.raises(FormatConflict):
+        await manager.request(name, "ext4")
+
+
+async def test_request_errors_are_typed(manager: ImageManager, registry: LocalRegistry) -> None:
+    with pytest.raises(InvalidReference):
+        await manager.request("Not A Reference")
+    with pytest.raises(ImageNotFound):
+        await manager.request(f"{registry.host}/test/nonexistent:v1")
+    with pytest.raises(ImageNotFound):
+        await manager.request(f"{registry.host}/test/standard:no-such-tag")
+    with pytest.raises(ImageNotFound):
+        await manager.request(f"{registry.host}/test/standard@sha256:{'0' * 64}")
+    with pytest.raises(ImageNotFound):
+        await manager.get("docker.io/library/never-pulled:1")
+    assert await manager.list() == []
+
+
+async def test_unreachable_registry_fails_fast_with_a_reason(
+    tmp_path: Path, registry: LocalRegistry
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
+    manager = ImageManager(
+        Paths(tmp_path / "data"), insecure_registries=frozenset({dead}), resolve_timeout=2.0
+    )
+    async with manager:
+        with pytest.raises(RegistryUnreachable, match=re.escape(dead)):
+            await manager.request(f"{dead}/test/x:1")
+        assert await manager.list() == []
+
+
+async def test_digest_mismatch_fails_and_leaves_nothing(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    layer = LayerBuilder().file("payload", os.urandom(8192)).build()
+    image = make_image([layer])
+    pusher.image("test/corrupt", "v1", image)
+    # Corrupt the blob inside the registry's storage: it now serves bytes of another digest.
+    hexdigest = sha256(layer[0]).partition(":")[2]
+    stored = registry.storage / f"docker/registry/v2/blobs/sha256/{hexdigest[:2]}/{hexdigest}/data"
+    stored.write_bytes(bytes(len(layer[0])))
+
+    requested = await manager.request(f"{registry.host}/test/corrupt:v1")
+    failed, _ = await _finish(manager, requested.digest)
+    assert failed.status == ImageStatus.FAILED
+    assert failed.error is not None
+    assert "digest mismatch" in failed.error
+    assert failed.disk_path is None
+    paths = Paths(tmp_path / "data")
+    assert not (paths.oci_layout / "blobs/sha256" / hexdigest).exists()
+    assert list((paths.tmp / "blobs").iterdir()) == []
+    assert [p.name for p in paths.image_dir(failed.digest).iterdir()] == ["metadata.json"]
+
+
+async def test_broken_layer_fails_with_reason(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    junk = b"\x1f\x8b" + os.urandom(4000)
+    image = make_image([(junk, sha256(junk))])
+    pusher.image("test/junk", "v1", image)
+    requested = await manager.request(f"{registry.host}/test/junk:v1")
+    failed, seen = await _finish(manager, requested.digest)
+    assert failed.status == ImageStatus.FAILED
+    assert ImageStatus.UNPACKING in seen
+    assert failed.error is not None
+    assert "layer" in failed.error
+    paths = Paths(tmp_path / "data")
+    assert [p.name for p in paths.tmp.iterdir()] == ["blobs"]
+    assert [p.name for p in paths.image_dir(failed.digest).iterdir()] == ["metadata.json"]
+
+
+async def test_in_use_images_are_neither_deleted_nor_evicted(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage
+) -> None:
+    async with _manager(tmp_path / "data", registry, cache_seconds=3600) as manager:
+        name = f"{registry.host}/test/standard:v1"
+        image, _ = await _finish(manager, (await manager.request(name)).digest)
+        layout_blobs = Paths(tmp_path / "data").oci_layout / "blobs/sha256"
+        assert len(list(layout_blobs.iterdir())) == 5
+        far_future = 10**10
+        async with manager.use(name) as used:
+            assert used.digest == image.digest
+            with pytest.raises(ImageInUse):
+                await manager.delete(name)
+            assert await manager.evict_unused(now=far_future) == []
+        assert await manager.evict_unused(now=0) == []  # used just now: still fresh
+        assert await manager.evict_unused(now=far_future) == [image.digest]
+        with pytest.raises(ImageNotFound):
+            await manager.get(name)
+        assert not Paths(tmp_path / "data").image_dir(image.digest).exists()
+        assert list(layout_blobs.iterdir()) == []  # unreferenced blobs went with it
+
+        again, _ = await _finish(manager, (await manager.request(name)).digest)
+        assert again.status == ImageStatus.READY
+        await manager.delete(again.digest)
+        assert await manager.list() == []
+        assert list(layout_blobs.iterdir()) == []
+        assert (
+            json.loads((layout_blobs.parent.parent / "index.json").read_text())["manifests"] == []
+        )
+
+
+async def test_restart_resumes_interrupted_builds_and_cleans_up(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage
+) -> None:
+    root = tmp_path / "data"
+    paths = Paths(root)
+    name = f"{registry.host}/test/standard:v1"
+    async with _manager(root, registry) as manager:
+        requested = await manager.request(name)
+    # Closed before the build could finish: the record says so, and no disk exists.
+    record = json.loads(paths.image_metadata(requested.digest).read_text())
+    assert record["image"]["status"] != "ready"
+    assert not paths.image_disk(requested.digest, "erofs").exists()
+    leftover = paths.tmp / "crashed.rootfs"
+    leftover.mkdir()
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    in_ram = _scratch(root) / f"dataplane-images-{key}-crashed.rootfs"
+    in_ram.mkdir()
+    someone_else = _scratch(root) / "dataplane-images-0123456789ab-other.rootfs"
+    someone_else.mkdir()
+    (paths.image_dir(requested.digest) / ".rootfs.erofs.123.tmp").write_bytes(b"half")
+
+    async with _manager(root, registry) as manager:
+        assert not leftover.exists()
+        assert not in_ram.exists()
+        assert someone_else.exists()  # another data dir's scratch is not ours to remove
+        assert not (paths.image_dir(requested.digest) / ".rootfs.erofs.123.tmp").exists()
+        resumed, _ = await _finish(manager, requested.digest)
+        assert resumed.status == ImageStatus.READY, resumed.error
+        assert await manager.get(name) == resumed
+
+    assert resumed.disk_path is not None
+    resumed.disk_path.unlink()  # a ready image whose disk vanished is failed at start-up
+    async with _manager(root, registry) as manager:
+        broken = await manager.get(name)
+        assert broken.status == ImageStatus.FAILED
+        assert broken.error == "disk file missing"
+        rebuilt, _ = await _finish(manager, (await manager.request(name)).digest)
+        assert rebuilt.status == ImageStatus.READY
+
+
+async def test_unpack_falls_back_to_disk_when_ram_scratch_fills(
+    tmp_path: Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    """A layer whose gzip trailer understates its size (two gzip members) overflows a small
+    tmpfs scratch; the unpack is redone under DATA_DIR and the image still gets ready."""
+    big = LayerBuilder().file("zeros", bytes(70 << 20)).tar()
+    tiny = gzip.compress(b"", mtime=0)  # a second, empty member: the trailer now says 0 bytes
+    blob = gzip.compress(big, compresslevel=1, mtime=0) + tiny
+    pusher.image("test/understated", "v1", make_image([(blob, sha256(big))]))
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    mounted = await anyio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=66m", "tmpfs", str(ram)], check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        async with _manager(tmp_path / "data", registry, scratch_dir=ram) as manager:
+            requested = await manager.request(f"{registry.host}/test/understated:v1")
+            ready, _ = await _finish(manager, requested.digest)
+            assert ready.status == ImageStatus.READY, ready.error
+            assert list(ram.iterdir()) == []
+            assert ready.size is not None
+            assert ready.size > 70 << 20
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.run_process(["umount", str(ram)])
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "basic"])
+async def test_authentication_with_docker_config_credentials(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage, scheme: str
+) -> None:
+    with token_auth_proxy(registry, "alice", "s3cret", scheme=scheme) as proxy:
+        name = f"{proxy.host}/test/standard:v1"
+        base = {"insecure_registries": frozenset({proxy.host})}
+
+        # No credentials: the registry refuses and says so (the edge answers 404 like Docker).
+        async with _manager(tmp_path / "anon", registry, **base) as manager:
+            with pytest.raises(RegistryAuthFailed):
+                await manager.request(name)
+
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(
+            json.dumps({"auths": {proxy.host: {"username": "alice", "password": "x"}}})
+        )
+        async with _manager(tmp_path / "wrong", registry, docker_config=wrong, **base) as manager:
+            with pytest.raises(RegistryAuthFailed):
+                await manager.request(name)
+
+        token = base64.b64encode(b"alice:s3cret").decode()
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"auths": {proxy.host: {"auth": token}}}))
+        async with _manager(tmp_path / "data", registry, docker_config=config, **base) as manager:
+            requested = await manager.request(name)
+            assert requested.digest == standard.manifest_digest
+            ready, _ = await _finish(manager, requested.digest)
+            assert ready.status == ImageStatus.READY, ready.error
+
+
+async def test_delete_cancels_a_build_and_subscribers_see_it(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage
+) -> None:
+    root = tmp_path / "data"
+    async with _manager(root, registry) as manager:
+        requested = await manager.request(f"{registry.host}/test/standard:v1")
+        updates = manager.subscribe(requested.digest)
+        assert (await anext(updates)).status == ImageStatus.PENDING
+        await manager.delete(requested.digest)
+        with anyio.fail_after(30):
+            last = [image async for image in updates][-1]
+        assert last.status == ImageStatus.FAILED
+        assert last.error == "deleted"
+        assert await manager.list() == []
+        assert not Paths(root).image_dir(requested.digest).exists()
+        assert list(_scratch(root).iterdir()) == []
+        assert list((Paths(root).oci_layout / "blobs/sha256").iterdir()) == []
+
+
+async def test_sweeper_evicts_unused_images(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage
+) -> None:
+    async with _manager(tmp_path / "data", registry, cache_seconds=1) as manager:
+        name = f"{registry.host}/test/standard:v1"
+        ready, _ = await _finish(manager, (await manager.request(name)).digest)
+        assert ready.status == ImageStatus.READY
+        for _ in range(300):  # the sweeper runs every 0.5 s here; give it up to 30 s
+            if not await manager.list():
+                break
+            await anyio.sleep(0.1)
+        with pytest.raises(ImageNotFound):
+            await manager.get(name)

@@ -1,0 +1,316 @@
+"""Instances through the real API on the Cloud Hypervisor simulator, with a real registry.
+
+The simulator runs no guest, so instances stay ``Initializing`` (no program-started
+marker ever arrives); what is proved here is the lifecycle, the protocol, the
+errors, the logs' event ids, crash safety and the restart of the dataplane.
+Every request the simulator receives is checked against Cloud Hypervisor's own
+API description; a violation fails the module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.support.apps import COUNTER, push_app
+from tests.support.artifacts import shared_artifacts
+from tests.support.registry import running_registry
+from tests.support.server import RunningServer, run_server
+
+SIMULATOR = Path(__file__).resolve().parents[1] / "support" / "ch_simulator" / "cloud-hypervisor"
+
+
+@dataclass
+class Source:
+    image: str
+    env: dict[str, str]
+
+
+@dataclass
+class World:
+    server: RunningServer
+    client: httpx.Client
+    image: str
+    data_dir: Path
+    env: dict[str, str]
+
+
+def server_env(tmp: Path, registry_host: str) -> dict[str, str]:
+    artifacts = shared_artifacts()
+    return {
+        "HYPERVISOR": "cloud-hypervisor",
+        "CLOUD_HYPERVISOR_BIN": str(SIMULATOR),
+        "CH_SIMULATOR_VIOLATIONS": str(tmp / "ch-violations.log"),
+        "INSECURE_REGISTRIES": registry_host,
+        "KERNEL_PATH": str(artifacts.bzimage),
+        "INITRD_PATH": str(artifacts.initrd),
+    }
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
+    """A registry with the counter image, and the server settings to reach it."""
+    tmp = tmp_path_factory.mktemp("instances-api")
+    with running_registry(tmp / "registry") as registry:
+        image = push_app(
+            registry.host, "tests/counter", {"/app/counter": COUNTER}, entrypoint=["/app/counter"]
+        )
+        yield Source(image, server_env(tmp, registry.host))
+    violations = tmp / "ch-violations.log"
+    assert not violations.exists() or not violations.read_text().strip(), violations.read_text()
+
+
+@pytest.fixture(scope="module")
+def world(source: Source, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    data_dir = tmp_path_factory.mktemp("instances-world") / "data"
+    with (
+        run_server(data_dir, source.env) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        response = client.post("/images", json={"name": source.image})
+        assert response.status_code == 202, response.text
+        wait_ready(client, source.image)
+        yield World(server, client, source.image, data_dir, source.env)
+        for instance in client.get("/instances").json():
+            client.delete(f"/instances/{instance['id']}")
+
+
+def wait_ready(client: httpx.Client, image: str) -> dict[str, Any]:
+    """Follow the image's SSE stream until it is ready (the stream ends by itself)."""
+    last: dict[str, Any] = {}
+    with client.stream("GET", f"/images/{quote(image, safe='')}/events") as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                last = json.loads(line[6:])
+    assert last["status"] == "ready", last
+    return last
+
+
+def create(world: World, name: str, **extra: Any) -> httpx.Response:
+    return world.client.post("/instances", json={"name": name, "image": world.image, **extra})
+
+
+def action(world: World, instance_id: str, verb: str) -> httpx.Response:
+    return world.client.post(f"/instances/{instance_id}/{verb}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by its parent) is not alive."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    """Whether ``pid`` is gone, waiting up to ``within`` seconds for it to be reaped."""
+    deadline = time.monotonic() + within
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_image_is_listed_and_found_by_reference_and_digest(world: World) -> None:
+    images = world.client.get("/images").json()
+    assert [i["name"] for i in images] == [world.image]
+    by_name = world.client.get(f"/images/{quote(world.image, safe='')}").json()
+    by_digest = world.client.get(f"/images/{by_name['digest']}").json()
+    assert by_name == by_digest
+    assert by_name["config"]["entrypoint"] == ["/app/counter"]
+
+
+def test_full_lifecycle(world: World) -> None:
+    response = create(world, "life", env={"GREETING": "hello world"}, memory_mb=128)
+    assert response.status_code == 201, response.text
+    instance = response.json()
+    instance_id = instance["id"]
+    assert instance["state"] == "Initializing"
+    assert instance["env"] == {"GREETING": "hello world"}
+    pid = instance["pid"]
+    assert pid_alive(pid)
+    assert world.client.get("/instances/life").json()["id"] == instance_id
+
+    assert action(world, instance_id, "pause").json()["state"] == "Paused"
+    assert action(world, instance_id, "resume").json()["state"] == "Initializing"
+
+    standby = action(world, instance_id, "standby")
+    assert standby.status_code == 200, standby.text
+    assert standby.json()["state"] == "Standby"
+    assert standby.json()["pid"] is None
+    assert gone(pid)
+    assert (world.data_dir / "instances" / instance_id / "standby" / "config.json").is_file()
+
+    restored = action(world, instance_id, "restore")
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["state"] == "Initializing"
+    assert not (world.data_dir / "instances" / instance_id / "standby").exists()
+
+    stopped = action(world, instance_id, "stop").json()
+    assert stopped["state"] == "Stopped"
+    assert action(world, instance_id, "start").json()["state"] == "Initializing"
+
+    listed = world.client.get("/instances", params={"state": "Initializing"}).json()
+    assert instance_id in [i["id"] for i in listed]
+    assert world.client.delete(f"/instances/{instance_id}").status_code == 204
+    assert not (world.data_dir / "instances" / instance_id).exists()
+    assert world.client.get(f"/instances/{instance_id}").status_code == 404
+
+
+def test_created_without_start_boots_later(world: World) -> None:
+    instance = create(world, "lazy", start=False).json()
+    assert instance["state"] == "Created"
+    assert instance["pid"] is None
+    assert action(world, instance["id"], "start").json()["state"] == "Initializing"
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def test_wrong_state_actions_are_409_with_the_current_state(world: World) -> None:
+    instance = create(world, "states").json()
+    for verb in ("resume", "restore", "start"):
+        response = action(world, instance["id"], verb)
+        assert response.status_code == 409, verb
+        body = response.json()
+        assert body["code"] == "wrong_state"
+        assert body["details"]["state"] == "Initializing"
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def snapshot_of_disk(world: World) -> dict[str, bytes]:
+    """Every instance folder and its metadata (logs move on their own and are left out)."""
+    root = world.data_dir / "instances"
+    return {p.name: (p / "metadata.json").read_bytes() for p in root.iterdir()}
+
+
+def test_bad_requests_change_nothing(world: World) -> None:
+    keeper = create(world, "keeper").json()
+    before = snapshot_of_disk(world)
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"name": "keeper", "image": world.image}, 409, "instance_exists"),
+        ({"name": "ghost", "image": "127.0.0.1:1/none/such:v1"}, 404, "image_not_found"),
+        ({"name": "Bad_Name", "image": world.image}, 400, "invalid_request"),
+        (
+            {"name": "big", "image": world.image, "memory_mb": 512, "memory_max_mb": 256},
+            400,
+            "invalid_instance",
+        ),
+        ({"name": "x", "image": world.image, "vcpus": 0}, 400, "invalid_request"),
+        ({"name": "x", "image": world.image, "surprise": True}, 400, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        response = world.client.post("/instances", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["code"] == code
+    assert (
+        world.client.post(
+            "/instances", content=b"{oops", headers={"content-type": "application/json"}
+        ).status_code
+        == 400
+    )
+    assert world.client.get("/instances/no-such-thing").status_code == 404
+    assert action(world, "no-such-thing", "stop").status_code == 404
+    assert action(world, keeper["id"], "explode").status_code == 400
+    assert snapshot_of_disk(world) == before
+    world.client.delete(f"/instances/{keeper['id']}")
+
+
+def test_an_image_in_use_cannot_be_deleted(world: World) -> None:
+    instance = create(world, "user").json()
+    response = world.client.delete(f"/images/{quote(world.image, safe='')}")
+    assert response.status_code == 409
+    assert response.json()["code"] == "image_in_use"
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def test_twenty_parallel_creates(world: World) -> None:
+    names = [f"par-{n}" for n in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda name: create(world, name), names))
+    assert [r.status_code for r in responses] == [201] * 20, [
+        r.text for r in responses if r.status_code != 201
+    ]
+    ids = [r.json()["id"] for r in responses]
+    assert len(set(ids)) == 20
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        deleted = list(pool.map(lambda i: world.client.delete(f"/instances/{i}"), ids))
+    assert [r.status_code for r in deleted] == [204] * 20
+
+
+def test_logs_resume_from_last_event_id(world: World) -> None:
+    instance = create(world, "logs").json()
+    url = f"/instances/{instance['id']}/logs"
+    first = parse_events(world.client.get(url, params={"source": "app"}).text)
+    assert first, "the simulator writes a boot line to the serial file"
+    vmm = world.client.get(url, params={"source": "vmm"})
+    assert vmm.status_code == 200
+    last_id = first[-1][0]
+    again = parse_events(world.client.get(url, headers={"Last-Event-ID": str(last_id)}).text)
+    assert again == []
+    tail = parse_events(world.client.get(url, params={"tail": 1}).text)
+    assert tail == first[-1:]
+    assert world.client.get(url, params={"source": "nope"}).status_code == 400
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def parse_events(body: str) -> list[tuple[int, str]]:
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1)
+            for line in block.splitlines()
+            if ": " in line and not line.startswith(":")
+        )
+        if "id" in fields:
+            events.append((int(fields["id"]), fields.get("data", "")))
+    return events
+
+
+def test_restart_keeps_running_and_standby_instances(source: Source, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        run_server(data_dir, source.env) as first,
+        httpx.Client(base_url=first.url, timeout=60) as client,
+    ):
+        client.post("/images", json={"name": source.image})
+        wait_ready(client, source.image)
+        running = client.post("/instances", json={"name": "survivor", "image": source.image}).json()
+        sleeping = client.post("/instances", json={"name": "sleeper", "image": source.image}).json()
+        assert client.post(f"/instances/{sleeping['id']}/standby").json()["state"] == "Standby"
+        assert first.stop() == 0
+    pid = running["pid"]
+    assert pid_alive(pid), "a VMM must outlive the dataplane"
+    with (
+        run_server(data_dir, source.env) as again,
+        httpx.Client(base_url=again.url, timeout=60) as client,
+    ):
+        survivor = client.get(f"/instances/{running['id']}").json()
+        assert survivor["state"] == "Initializing"
+        assert survivor["pid"] == pid
+        assert client.get(f"/instances/{sleeping['id']}").json()["state"] == "Standby"
+        assert client.post(f"/instances/{sleeping['id']}/restore").json()["state"] == "Initializing"
+        for instance_id in (running["id"], sleeping["id"]):
+            assert client.delete(f"/instances/{instance_id}").status_code == 204
+    assert gone(pid)
+
+
+def test_a_half_made_instance_is_removed_at_start_up(source: Source, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    leftover = data_dir / "instances" / "0123456789ab"
+    (leftover / "logs").mkdir(parents=True)
+    (leftover / "overlay.raw").write_bytes(b"half")
+    with run_server(data_dir, source.env) as server:
+        assert httpx.get(f"{server.url}/instances").json() == []
+    assert not leftover.exists()

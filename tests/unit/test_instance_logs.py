@@ -1,0 +1,98 @@
+"""Segmented logs: offsets survive rotation, tails, partial lines, resumption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from managers.instances.logs import MAX_LINE, SegmentedLog
+
+
+def lines_text(lines: list) -> list[bytes]:  # type: ignore[type-arg]
+    return [line.text for line in lines]
+
+
+def test_offsets_are_the_byte_after_each_line(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app")
+    log.append(b"one\ntwo\nthr")
+    lines, position = log.read_lines(0)
+    assert [(line.offset, line.text) for line in lines] == [(4, b"one"), (8, b"two")]
+    assert position == 8
+    log.append(b"ee\n")
+    more, position = log.read_lines(position)
+    assert [(line.offset, line.text) for line in more] == [(14, b"three")]
+
+
+def test_resuming_from_an_event_id_neither_loses_nor_repeats(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=64, keep=100)
+    written = [f"line {n}".encode() for n in range(200)]
+    for text in written:
+        log.append(text + b"\n")
+    seen: list[bytes] = []
+    position = 0
+    while True:
+        lines, position = log.read_lines(position)
+        if not lines:
+            break
+        seen.append(lines[0].text)
+        position = lines[0].offset  # a client that took one line and reconnected
+    assert seen == written
+
+
+def test_rotation_bounds_the_size_and_keeps_global_offsets(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=100, keep=2)
+    for n in range(100):
+        log.append(f"{n:04d}\n".encode())
+    files = sorted(tmp_path.glob("app-*.log"))
+    assert len(files) == 2
+    assert sum(f.stat().st_size for f in files) <= 200
+    assert log.end() == 500
+    lines, _ = log.read_lines(0)  # rotated-away offsets continue from the oldest kept byte
+    assert lines[-1].text == b"0099"
+    assert lines[-1].offset == 500
+    assert all(int(line.text) * 5 + 5 == line.offset for line in lines)
+
+
+def test_tail_returns_the_last_lines(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=1000)
+    for n in range(1000):
+        log.append(f"row {n}\n".encode())
+    lines, position = log.tail(3)
+    assert lines_text(lines) == [b"row 997", b"row 998", b"row 999"]
+    assert position == log.end()
+    assert log.tail(0) == ([], log.end())
+
+
+def test_final_read_includes_a_trailing_partial_line(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app")
+    log.append(b"done\nno newline")
+    assert lines_text(log.read_lines(0)[0]) == [b"done"]
+    assert lines_text(log.read_lines(0, final=True)[0]) == [b"done", b"no newline"]
+
+
+def test_a_runaway_line_is_cut(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=10 * MAX_LINE)
+    log.append(b"x" * (MAX_LINE * 2 + 10) + b"\n")
+    lines, _ = log.read_lines(0)
+    assert [len(line.text) for line in lines] == [MAX_LINE, MAX_LINE, 10]
+
+
+def test_an_empty_log_reads_nothing(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path / "missing", "app")
+    assert log.read_lines(0) == ([], 0)
+    assert log.tail(5) == ([], 0)
+
+
+@pytest.mark.anyio
+async def test_follow_yields_new_lines(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app")
+    log.append(b"first\n")
+    batches = log.follow(0, poll_seconds=0.01)
+    assert lines_text(await anext(batches)) == [b"first"]
+    log.append(b"second\n")
+    got: list[bytes] = []
+    while not got:
+        got = lines_text(await anext(batches))
+    assert got == [b"second"]
+    await batches.aclose()
