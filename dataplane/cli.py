@@ -34,16 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     configure(settings.log_format, settings.log_level)
+    where = (
+        f"unix:{settings.listen_socket}"
+        if settings.listen_socket
+        else f"{settings.listen_addr}:{settings.port}"
+    )
     if not settings.auth_enabled:
         log.warning(
             "neither AUTH_TOKEN nor JWT_SECRET is set: the API is unauthenticated "
             "(listening on %s)",
-            settings.listen_addr,
+            where,
         )
     config = uvicorn.Config(
         create_app(settings),
         host=settings.listen_addr,
         port=settings.port,
+        uds=str(settings.listen_socket) if settings.listen_socket else None,
         log_config=None,
         access_log=False,
         lifespan="on",

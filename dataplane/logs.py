@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from dataplane.settings import LogFormat
+from managers.instances.logs import SegmentedLog
+from managers.paths import Paths
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -67,6 +69,30 @@ class ConsoleFormatter(logging.Formatter):
 def _utc_timestamp(created: float) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+class InstanceLogHandler(logging.Handler):
+    """Copies every record about an instance (``extra={"instance_id": …}``) into that
+    instance's ``dataplane`` log, which ``GET /instances/{id}/logs?source=dataplane`` serves."""
+
+    def __init__(self, paths: Paths, log_format: LogFormat) -> None:
+        super().__init__()
+        self._paths = paths
+        self.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
+        self.addFilter(_RequestIdFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        instance_id = getattr(record, "instance_id", None)
+        if not isinstance(instance_id, str):
+            return
+        folder = self._paths.instance_logs(instance_id)
+        # A record about an instance being deleted must not bring its folder back.
+        if not folder.is_dir():
+            return
+        try:
+            SegmentedLog(folder, "dataplane").append(self.format(record).encode() + b"\n")
+        except Exception:
+            self.handleError(record)
 
 
 def configure(log_format: LogFormat, level: str = "info") -> None:

@@ -26,6 +26,7 @@ from litestar import Litestar
 
 from dataplane import __version__
 from dataplane.errors import ApiError
+from dataplane.logs import InstanceLogHandler
 from dataplane.settings import Settings
 from dataplane.spec import Spec
 from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
@@ -38,6 +39,10 @@ from managers.paths import Paths
 log = logging.getLogger("dataplane.runtime")
 
 Phase = Literal["starting", "ok", "stopping"]
+
+# How long a request that needs the guest waits for start-up to finish preparing it
+# (a first start downloads the kernel package).
+GUEST_WAIT_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +68,8 @@ class Runtime:
         self.images: ImageManager | None = None
         self.instances: InstanceManager | None = None
         self.artifacts: GuestArtifacts | None = None
-        self.artifacts_error: str | None = "the guest kernel and initrd are being prepared"
+        self.artifacts_error: str | None = None
+        self._artifacts_settled = anyio.Event()
 
     def _backends(self) -> dict[str, HypervisorBackend]:
         settings = BackendSettings(
@@ -103,9 +109,13 @@ class Runtime:
             )
         return self.instances
 
-    def guest_artifacts(self) -> GuestArtifacts:
+    async def guest_artifacts(self) -> GuestArtifacts:
+        """The kernel and initrd; waits while start-up is still preparing them."""
+        with anyio.move_on_after(GUEST_WAIT_SECONDS):
+            await self._artifacts_settled.wait()
         if self.artifacts is None:
-            raise ApiError(503, "guest_unavailable", self.artifacts_error or "no guest artifacts")
+            reason = self.artifacts_error or "the guest kernel and initrd are still being prepared"
+            raise ApiError(503, "guest_unavailable", reason)
         return self.artifacts
 
     @asynccontextmanager
@@ -113,6 +123,9 @@ class Runtime:
         settings = self.settings
         await anyio.to_thread.run_sync(self.paths.ensure)
         async with contextlib.AsyncExitStack() as stack:
+            instance_logs = InstanceLogHandler(self.paths, settings.log_format)
+            logging.getLogger().addHandler(instance_logs)
+            stack.callback(logging.getLogger().removeHandler, instance_logs)
             images = ImageManager(
                 self.paths,
                 max_concurrent_builds=settings.max_concurrent_builds,
@@ -155,11 +168,12 @@ class Runtime:
                 kernel_path=self.settings.kernel_path,
                 initrd_path=self.settings.initrd_path,
             )
-            self.artifacts_error = None
         except GuestError as error:
             self.artifacts_error = f"the guest kernel and initrd are not available: {error}"
             log.error("%s", self.artifacts_error)
             return
+        finally:
+            self._artifacts_settled.set()
         await self._probe_hypervisor()
 
     async def _probe_hypervisor(self) -> None:

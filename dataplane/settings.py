@@ -52,6 +52,7 @@ class SettingsError(ValueError):
 class Settings:
     port: int = 8080
     listen_addr: str = "127.0.0.1"
+    listen_socket: Path | None = None
     data_dir: Path = Path("/var/lib/dataplane")
     hypervisor: HypervisorChoice = "auto"
     cloud_hypervisor_bin: str | None = None
@@ -107,6 +108,7 @@ class Settings:
         settings = cls(
             port=env.integer("PORT", cls.port, low=1, high=65535),
             listen_addr=env.ip("LISTEN_ADDR", default_listen),
+            listen_socket=env.socket_path("LISTEN_SOCKET"),
             data_dir=env.absolute_path("DATA_DIR", cls.data_dir),
             hypervisor=cast(HypervisorChoice, env.choice("HYPERVISOR", _HYPERVISORS, "auto")),
             cloud_hypervisor_bin=env.optional("CLOUD_HYPERVISOR_BIN"),
@@ -249,6 +251,17 @@ class _Env:
             raise SettingsError(name, "an absolute path", raw)
         if path.exists() and not path.is_dir():
             raise SettingsError(name, "a directory (or a path where one can be made)", raw)
+        return path
+
+    def socket_path(self, name: str) -> Path | None:
+        raw = self.optional(name)
+        if raw is None:
+            return None
+        path = Path(raw)
+        if not path.is_absolute() or not path.parent.is_dir():
+            raise SettingsError(name, "an absolute path in an existing directory", raw)
+        if len(raw.encode()) > 107:
+            raise SettingsError(name, "at most 107 bytes long (a Unix socket path)", raw)
         return path
 
     def existing_file(self, name: str) -> Path | None:

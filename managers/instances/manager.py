@@ -13,7 +13,7 @@ import contextlib
 import logging
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from managers.guest import (
     kernel_cmdline,
     write_config_disk,
 )
+from managers.guest.cmdline import qemu_extra
 from managers.hypervisors import (
     BackendKind,
     DiskSpec,
@@ -108,10 +109,9 @@ class InstanceManager:
         images: ImageSource,
         backends: Mapping[str, HypervisorBackend],
         default_hypervisor: str,
-        artifacts: Callable[[], GuestArtifacts],
+        artifacts: Callable[[], Awaitable[GuestArtifacts]],
         network: NetworkManager | None = None,
         stop_grace_seconds: float = 10.0,
-        cmdline_extra: tuple[str, ...] = (),
     ) -> None:
         self._paths = paths
         self._images = images
@@ -120,7 +120,6 @@ class InstanceManager:
         self._artifacts = artifacts
         self._network = network
         self._grace = stop_grace_seconds
-        self._cmdline_extra = cmdline_extra
         self._store = InstanceStore(paths)
         self._live: dict[str, _Live] = {}
         self._names: dict[str, str] = {}
@@ -401,6 +400,9 @@ class InstanceManager:
                 net = await self._ensure_network()
                 await net.create_tap(instance_id, Allocation.from_dict(network))
             step = "restore the VM"
+            # The new VMM writes the serial file afresh; a new file (not a truncated
+            # one) lets the log pump tell it from the old one it has fully read.
+            self._paths.instance_serial_raw(instance_id).unlink(missing_ok=True)
             changes = SpecChanges(
                 disk_paths=self._disk_paths(record),
                 serial_file=self._paths.instance_serial_raw(instance_id),
@@ -578,20 +580,20 @@ class InstanceManager:
             "config": self._paths.instance_config_disk(instance_id),
         }
 
-    def _vm_spec(self, record: dict[str, Any]) -> VmSpec:
-        artifacts = self._artifacts()
+    async def _vm_spec(self, record: dict[str, Any]) -> VmSpec:
+        artifacts = await self._artifacts()
         instance_id = record["id"]
         disks = self._disk_paths(record)
         network = record["network"]
-        kernel = (
-            artifacts.bzimage
-            if record["hypervisor"] == BackendKind.QEMU.value
-            else artifacts.vmlinux
-        )
+        if record["hypervisor"] == BackendKind.QEMU.value:
+            # The QEMU backend runs the `pc` machine, which boots the bzImage.
+            kernel, extra = artifacts.bzimage, qemu_extra("pc")
+        else:
+            kernel, extra = artifacts.vmlinux, ()
         return VmSpec(
             kernel=kernel,
             initrd=artifacts.initrd,
-            cmdline=kernel_cmdline(extra=self._cmdline_extra),
+            cmdline=kernel_cmdline(extra=extra),
             vcpus=record["vcpus"],
             memory_mb=record["memory_mb"],
             memory_max_mb=record["memory_max_mb"],
@@ -614,7 +616,7 @@ class InstanceManager:
         await anyio.to_thread.run_sync(live.pump.drain)
         self._paths.instance_serial_raw(instance_id).unlink(missing_ok=True)
         live.pump.new_boot()
-        spec = self._vm_spec(record)
+        spec = await self._vm_spec(record)
         backend = self._backend(record)
         vmm = await backend.start_vmm(instance_id, self._paths.instance_dir(instance_id))
         live.vmm = vmm

@@ -256,6 +256,10 @@ def test_logs_resume_from_last_event_id(world: World) -> None:
     assert first, "the simulator writes a boot line to the serial file"
     vmm = world.client.get(url, params={"source": "vmm"})
     assert vmm.status_code == 200
+    ours = [
+        text for _, text in parse_events(world.client.get(url, params={"source": "dataplane"}).text)
+    ]
+    assert any("created instance" in text and instance["id"] in text for text in ours), ours
     last_id = first[-1][0]
     again = parse_events(world.client.get(url, headers={"Last-Event-ID": str(last_id)}).text)
     assert again == []

@@ -14,7 +14,7 @@ from tests.support.oci_builder import LayerBuilder, Pusher, make_image
 BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "printf", "ls", "sleep", "date", "wget", "ip", "env", "true",
-    "expr", "seq", "hostname", "mkdir", "touch",
+    "expr", "seq", "hostname", "mkdir", "touch", "ping", "timeout",
 )  # fmt: skip
 
 # Prints an increasing counter every 200 ms. The count lives only in the

@@ -28,6 +28,12 @@ class RunningServer:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    uds: Path | None = None
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        """An HTTP client for this server, over TCP or over its Unix socket."""
+        transport = httpx.HTTPTransport(uds=str(self.uds)) if self.uds else None
+        return httpx.Client(base_url=self.url, transport=transport, timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -52,27 +58,38 @@ def free_port() -> int:
 
 @contextmanager
 def run_server(
-    data_dir: Path, env: Mapping[str, str] | None = None, *, check_contract: bool = True
+    data_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    check_contract: bool = True,
+    netns: str | None = None,
 ) -> Iterator[RunningServer]:
+    """Serve on a free TCP port, or, inside the network namespace ``netns``, on a Unix
+    socket (a namespace's loopback is out of this process's reach; a socket file is not)."""
     port = free_port()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
+    uds = data_dir.parent / f"api-{port}.sock" if netns else None
     full_env = {
         key: value
         for key, value in os.environ.items()
         if key not in ("AUTH_TOKEN", "JWT_SECRET", "LISTEN_ADDR", "PORT", "DATA_DIR")
     }
     full_env.update({"PORT": str(port), "DATA_DIR": str(data_dir), "LOG_FORMAT": "json"})
+    if uds is not None:
+        full_env["LISTEN_SOCKET"] = str(uds)
     full_env.update(env or {})
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dataplane"],
+            [*prefix, sys.executable, "-m", "dataplane"],
             cwd=ROOT,
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    url = "http://dataplane" if uds else f"http://127.0.0.1:{port}"
+    server = RunningServer(url, process, log_path, uds)
     try:
         _wait_until_live(server)
         yield server
@@ -89,8 +106,9 @@ def _wait_until_live(server: RunningServer, timeout: float = 30.0) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited during start-up:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/livez", timeout=1.0).status_code == 200:
-                return
+            with server.client(timeout=1.0) as client:
+                if client.get("/livez").status_code == 200:
+                    return
         except httpx.TransportError:
             pass
         time.sleep(0.05)

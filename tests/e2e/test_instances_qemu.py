@@ -1,0 +1,203 @@
+"""The whole product with a real guest: registry -> image -> VM under QEMU/TCG -> SSE -> standby
+-> restore -> delete.
+
+The image's program prints ``count N`` every 200 ms; its count lives only in guest memory,
+so after standby and restore the next line must be the next number, not ``count 0``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.test_instances_api import Source, gone, pid_alive, wait_ready
+from tests.support.apps import COUNTER, push_app
+from tests.support.artifacts import shared_artifacts
+from tests.support.registry import running_registry
+from tests.support.server import RunningServer, run_server
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+    ),
+]
+
+COUNT = re.compile(r"^count (\d+)$")
+BOUND = 120.0  # seconds any single wait may take before the test fails
+
+
+@dataclass
+class Live:
+    server: RunningServer
+    client: httpx.Client
+    source: Source
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("qemu-instances")
+    artifacts = shared_artifacts()
+    with running_registry(tmp / "registry") as registry:
+        image = push_app(
+            registry.host, "tests/counter", {"/app/counter": COUNTER}, entrypoint=["/app/counter"]
+        )
+        env = {
+            "HYPERVISOR": "qemu",
+            "INSECURE_REGISTRIES": registry.host,
+            "KERNEL_PATH": str(artifacts.bzimage),
+            "INITRD_PATH": str(artifacts.initrd),
+        }
+        data_dir = tmp / "data"
+        with (
+            run_server(data_dir, env) as server,
+            httpx.Client(base_url=server.url, timeout=BOUND) as client,
+        ):
+            assert client.post("/images", json={"name": image}).status_code == 202
+            wait_ready(client, image)
+            yield Live(server, client, Source(image, env), data_dir)
+            for instance in client.get("/instances").json():
+                client.delete(f"/instances/{instance['id']}")
+
+
+def wait_state(client: httpx.Client, instance_id: str, wanted: str) -> dict[str, object]:
+    deadline = time.monotonic() + BOUND
+    while True:
+        instance: dict[str, object] = client.get(f"/instances/{instance_id}").json()
+        if instance["state"] == wanted:
+            return instance
+        assert time.monotonic() < deadline, f"still {instance['state']}, wanted {wanted}"
+        time.sleep(0.1)
+
+
+class Follower:
+    """An SSE client on a real connection, collecting (id, line) events in a thread."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.events: list[tuple[int, str]] = []
+        self.closed = threading.Event()
+        self._client = httpx.Client(timeout=httpx.Timeout(BOUND, read=None))
+        self._stream = self._client.stream("GET", url, headers=headers)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        current: dict[str, str] = {}
+        try:
+            with self._stream as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line == "" and "id" in current:
+                        self.events.append((int(current["id"]), current.get("data", "")))
+                        current = {}
+                    elif ": " in line and not line.startswith(":"):
+                        key, value = line.split(": ", 1)
+                        current[key] = value
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.closed.set()
+
+    def counts(self) -> list[int]:
+        return [int(m[1]) for _, text in self.events if (m := COUNT.match(text))]
+
+    def wait_for_count(self, at_least: int) -> None:
+        deadline = time.monotonic() + BOUND
+        while not self.counts() or self.counts()[-1] < at_least:
+            assert time.monotonic() < deadline, f"counts so far: {self.counts()[-5:]}"
+            assert not self.closed.is_set(), "the stream ended"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._client.close()
+        self.closed.wait(10)
+
+
+def test_counter_survives_standby_and_restore(live: Live) -> None:
+    client = live.client
+    response = client.post(
+        "/instances", json={"name": "counter", "image": live.source.image, "memory_mb": 256}
+    )
+    assert response.status_code == 201, response.text
+    instance = response.json()
+    instance_id = instance["id"]
+    pid = instance["pid"]
+    running = wait_state(client, instance_id, "Running")
+    assert running["program_started_at"] is not None
+
+    logs = f"{live.server.url}/instances/{instance_id}/logs?follow=true"
+    before = Follower(logs)
+    try:
+        before.wait_for_count(5)
+    finally:
+        before.close()
+
+    standby = client.post(f"/instances/{instance_id}/standby")
+    assert standby.status_code == 200, standby.text
+    assert standby.json()["state"] == "Standby"
+    assert gone(pid), "standby must leave no VMM process"
+
+    # Everything the guest printed before the snapshot is in the log by now.
+    last_id, last_count = last_count_in_log(client, instance_id)
+
+    restored = client.post(f"/instances/{instance_id}/restore")
+    assert restored.status_code == 200, restored.text
+    assert restored.json()["state"] == "Running"
+    new_pid = restored.json()["pid"]
+    assert pid_alive(new_pid)
+
+    after = Follower(logs, headers={"Last-Event-ID": str(last_id)})
+    try:
+        after.wait_for_count(last_count + 3)
+    finally:
+        after.close()
+    assert after.counts()[:3] == [last_count + 1, last_count + 2, last_count + 3]
+    assert all(event_id > last_id for event_id, _ in after.events)
+
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
+    assert gone(new_pid)
+    assert not (live.data_dir / "instances" / instance_id).exists()
+
+
+def last_count_in_log(client: httpx.Client, instance_id: str) -> tuple[int, int]:
+    body = client.get(f"/instances/{instance_id}/logs").text
+    last: tuple[int, int] | None = None
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        match = COUNT.match(fields.get("data", ""))
+        if match and "id" in fields:
+            last = (int(fields["id"]), int(match[1]))
+    assert last is not None, body[-500:]
+    return last
+
+
+def test_program_exit_code_is_reported(live: Live) -> None:
+    client = live.client
+    response = client.post(
+        "/instances",
+        json={
+            "name": "exiter",
+            "image": live.source.image,
+            "entrypoint": ["/bin/sh", "-c", "echo bye; exit 7"],
+        },
+    )
+    assert response.status_code == 201, response.text
+    instance_id = response.json()["id"]
+    deadline = time.monotonic() + BOUND
+    while (instance := client.get(f"/instances/{instance_id}").json())["exit_code"] is None:
+        assert time.monotonic() < deadline, instance
+        time.sleep(0.1)
+    assert instance["exit_code"] == 7
+    assert instance["state"] in ("Shutdown", "Stopped")
+    body = client.get(f"/instances/{instance_id}/logs").text
+    assert "data: bye" in body
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
