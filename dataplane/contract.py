@@ -293,6 +293,15 @@ class ContractMiddleware:
         request = self._request(scope, match)
         if match.operation.streams_request_body:
             errors = self.contract.request_errors(request, with_body=False)
+            media_type = _mimetype(request.content_type)
+            if media_type not in match.operation.request_media_types:
+                accepted = ", ".join(match.operation.request_media_types)
+                errors.append(
+                    {
+                        "error": "MediaTypeNotFound",
+                        "message": f"Content-Type must be one of {accepted}, not {media_type!r}",
+                    }
+                )
         else:
             try:
                 request.body = await drain(receive, MAX_JSON_BODY)

@@ -62,7 +62,7 @@ class Runtime:
         self.phase: Phase = "starting"
         self.started_monotonic = time.monotonic()
         self.paths = Paths(settings.data_dir)
-        self.sse_keepalive_seconds = 15.0
+        self.sse_keepalive_seconds = float(settings.sse_keepalive_seconds)
         self.backends = self._backends()
         self.hypervisor = HypervisorInfo(kind=self._default_kind())
         self.images: ImageManager | None = None

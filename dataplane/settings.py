@@ -75,6 +75,7 @@ class Settings:
     network_nat: bool = True
     network_isolation: bool = True
     insecure_registries: frozenset[str] = frozenset()
+    sse_keepalive_seconds: int = 15
     memory_restore_mode: MemoryRestoreMode = MemoryRestoreMode.COPY
 
     @property
@@ -133,6 +134,9 @@ class Settings:
             network_nat=env.boolean("NETWORK_NAT", cls.network_nat),
             network_isolation=env.boolean("NETWORK_ISOLATION", cls.network_isolation),
             insecure_registries=env.registries("INSECURE_REGISTRIES"),
+            sse_keepalive_seconds=env.integer(
+                "SSE_KEEPALIVE_SECONDS", cls.sse_keepalive_seconds, low=1, high=3600
+            ),
             memory_restore_mode=MemoryRestoreMode(
                 env.choice("MEMORY_RESTORE_MODE", _RESTORE_MODES, cls.memory_restore_mode.value)
             ),

@@ -28,6 +28,7 @@ class Operation:
     open: bool
     streaming: bool
     streams_request_body: bool
+    request_media_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class Spec:
                     open=security == [] or {} in security,
                     streaming=_is_streaming(op),
                     streams_request_body=_streams_request_body(op),
+                    request_media_types=tuple(
+                        ((op.get("requestBody") or {}).get("content") or {}).keys()
+                    ),
                 )
             if route.params:
                 self._templated.append(route)

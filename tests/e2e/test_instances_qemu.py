@@ -169,6 +169,7 @@ def test_counter_survives_standby_and_restore(live: Live) -> None:
 
 
 def last_count_in_log(client: httpx.Client, instance_id: str) -> tuple[int, int]:
+    """(event id, count) of the last ``count N`` line in the app log."""
     body = client.get(f"/instances/{instance_id}/logs").text
     last: tuple[int, int] | None = None
     for block in body.split("\n\n"):
@@ -178,6 +179,17 @@ def last_count_in_log(client: httpx.Client, instance_id: str) -> tuple[int, int]
             last = (int(fields["id"]), int(match[1]))
     assert last is not None, body[-500:]
     return last
+
+
+def wait_count_above(client: httpx.Client, instance_id: str, floor: int) -> int:
+    deadline = time.monotonic() + BOUND
+    while True:
+        body = client.get(f"/instances/{instance_id}/logs").text
+        counts = [int(m[1]) for line in body.splitlines() if (m := COUNT.match(line[6:]))]
+        if counts and counts[-1] > floor:
+            return counts[-1]
+        assert time.monotonic() < deadline, body[-300:]
+        time.sleep(0.1)
 
 
 def test_program_exit_code_is_reported(live: Live) -> None:
@@ -201,3 +213,29 @@ def test_program_exit_code_is_reported(live: Live) -> None:
     body = client.get(f"/instances/{instance_id}/logs").text
     assert "data: bye" in body
     assert client.delete(f"/instances/{instance_id}").status_code == 204
+
+
+def test_restart_of_the_dataplane_keeps_a_running_guest(live: Live, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = live.source.env
+    with run_server(data_dir, env) as first, first.client(BOUND) as client:
+        assert client.post("/images", json={"name": live.source.image}).status_code == 202
+        wait_ready(client, live.source.image)
+        created = client.post("/instances", json={"name": "steady", "image": live.source.image})
+        assert created.status_code == 201, created.text
+        instance_id = created.json()["id"]
+        pid = created.json()["pid"]
+        wait_state(client, instance_id, "Running")
+        count_before = wait_count_above(client, instance_id, -1)
+        assert first.stop() == 0
+    assert pid_alive(pid), "the guest must outlive the dataplane"
+    with run_server(data_dir, env) as second, second.client(BOUND) as client:
+        instance = wait_state(client, instance_id, "Running")
+        assert instance["pid"] == pid
+        # Output written while no dataplane ran is in the log, and the count goes on.
+        wait_count_above(client, instance_id, count_before + 5)
+        rebooted = client.post(f"/instances/{instance_id}/reboot")
+        assert rebooted.status_code == 200, rebooted.text
+        wait_state(client, instance_id, "Running")
+        assert client.delete(f"/instances/{instance_id}").status_code == 204
+    assert gone(pid)

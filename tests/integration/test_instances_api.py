@@ -53,6 +53,7 @@ def server_env(tmp: Path, registry_host: str) -> dict[str, str]:
         "INSECURE_REGISTRIES": registry_host,
         "KERNEL_PATH": str(artifacts.bzimage),
         "INITRD_PATH": str(artifacts.initrd),
+        "SSE_KEEPALIVE_SECONDS": "1",
     }
 
 
@@ -266,6 +267,22 @@ def test_logs_resume_from_last_event_id(world: World) -> None:
     tail = parse_events(world.client.get(url, params={"tail": 1}).text)
     assert tail == first[-1:]
     assert world.client.get(url, params={"source": "nope"}).status_code == 400
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def test_an_idle_follower_gets_keepalive_comments(world: World) -> None:
+    instance = create(world, "quiet").json()
+    url = f"/instances/{instance['id']}/logs"
+    seen: list[str] = []
+    with world.client.stream("GET", url, params={"follow": "true", "source": "vmm"}) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            seen.append(line)
+            if line == ": keep-alive":
+                break
+    assert ": keep-alive" in seen
+    # The server is unaffected by a follower that went away.
+    assert world.client.get(f"/instances/{instance['id']}").status_code == 200
     world.client.delete(f"/instances/{instance['id']}")
 
 

@@ -82,6 +82,10 @@ def test_values_are_parsed() -> None:
         ({"MAX_CONCURRENT_BUILDS": "0"}, "MAX_CONCURRENT_BUILDS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"CONTRACT_VALIDATION": "maybe"}, "CONTRACT_VALIDATION"),
+        ({"SSE_KEEPALIVE_SECONDS": "0"}, "SSE_KEEPALIVE_SECONDS"),
+        ({"INSECURE_REGISTRIES": "good:5000,bad host"}, "INSECURE_REGISTRIES"),
+        ({"LISTEN_SOCKET": "relative.sock"}, "LISTEN_SOCKET"),
+        ({"MEMORY_RESTORE_MODE": "Lazy"}, "MEMORY_RESTORE_MODE"),
     ],
 )
 def test_a_bad_value_names_its_variable(env: dict[str, str], variable: str) -> None:
