@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from managers.instances.logs import MAX_LINE, SegmentedLog
+from managers.instances.pump import LogPump
 
 
 def lines_text(lines: list) -> list[bytes]:  # type: ignore[type-arg]
@@ -96,3 +97,30 @@ async def test_follow_yields_new_lines(tmp_path: Path) -> None:
         got = lines_text(await anext(batches))
     assert got == [b"second"]
     await batches.aclose()
+
+
+def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) -> None:
+    raw = tmp_path / "serial.raw"
+    logs = tmp_path / "logs"
+    pump = LogPump(
+        serial_raw=raw,
+        vmm_raw=tmp_path / "vmm.log",
+        app_log=SegmentedLog(logs, "app"),
+        vmm_log=SegmentedLog(logs, "vmm"),
+        state_file=tmp_path / "pump.json",
+        status_file=tmp_path / "guest.json",
+    )
+    # A writer that keeps its own offset (not O_APPEND), as Cloud Hypervisor's serial file.
+    with raw.open("wb", buffering=0) as writer:
+        line = b"x" * 1023 + b"\n"
+        for _ in range(4096):  # 4 MiB
+            writer.write(line)
+            if writer.tell() % (512 * 1024) == 0:
+                pump.drain()
+        writer.write(b"@@dataplane-guest@@ program-exited code=3\n")
+        pump.drain()
+    assert raw.stat().st_size > 4 * 1024 * 1024
+    assert raw.stat().st_blocks * 512 < 2 * 1024 * 1024, "copied blocks are freed"
+    lines, _ = SegmentedLog(logs, "app", keep=100).read_lines(0)
+    assert len(lines) == 4097
+    assert pump.status.exit_code == 3
