@@ -16,6 +16,7 @@ from .errors import (
     WrongState,
 )
 from .factory import open_backend
+from .process import terminate_recorded
 from .types import (
     Acceleration,
     BackendKind,
@@ -53,4 +54,5 @@ __all__ = [
     "VmmStartTimeout",
     "WrongState",
     "open_backend",
+    "terminate_recorded",
 ]

@@ -167,3 +167,22 @@ async def wait_for_socket(
 def _log_suffix(files: VmmFiles) -> str:
     tail = files.log_tail()
     return f" (VMM log: {tail})" if tail else ""
+
+
+async def terminate_recorded(workdir: Path) -> bool:
+    """End the VMM recorded in ``workdir`` even when its API no longer answers.
+
+    For a VMM that cannot be attached to (it hangs, or speaks a version we refuse):
+    the record's pid and start time identify it, so a recycled pid is never signalled.
+    Returns True when a live process was ended.
+    """
+    files = VmmFiles(workdir)
+    record = files.read_record()
+    ended = False
+    if record is not None and "pid" in record and "start_time" in record:
+        process = VmmProcess(int(record["pid"]), int(record["start_time"]))
+        if process.alive():
+            await process.terminate()
+            ended = True
+    files.remove_runtime()
+    return ended

@@ -242,12 +242,16 @@ class QemuVmm:
         if state is VmState.RUNNING:
             qmp = self._client()
             qmp.forget_events("SHUTDOWN")
-            await self._exec("system_powerdown")
-            try:
-                await self._call(qmp.wait_event("SHUTDOWN", _is_power_off, grace_seconds))
-                return True
-            except OperationTimeout:
-                pass
+            # The press is repeated every second: a guest only just booted may not be
+            # listening to its power button yet, and a guest already stopping ignores repeats.
+            deadline = anyio.current_time() + grace_seconds
+            while (left := deadline - anyio.current_time()) > 0:
+                await self._exec("system_powerdown")
+                try:
+                    await self._call(qmp.wait_event("SHUTDOWN", _is_power_off, min(1.0, left)))
+                    return True
+                except OperationTimeout:
+                    pass
             await self._exec("stop")
         self.forced_off = True
         self._write_record()

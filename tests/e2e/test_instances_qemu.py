@@ -239,3 +239,31 @@ def test_restart_of_the_dataplane_keeps_a_running_guest(live: Live, tmp_path: Pa
         wait_state(client, instance_id, "Running")
         assert client.delete(f"/instances/{instance_id}").status_code == 204
     assert gone(pid)
+
+
+def test_stop_is_graceful_then_start_boots_again(live: Live) -> None:
+    client = live.client
+    created = client.post(
+        "/instances",
+        json={
+            "name": "polite",
+            "image": live.source.image,
+            "entrypoint": [
+                "/bin/sh",
+                "-c",
+                "trap 'echo bye; exit 5' TERM; while :; do sleep 1; done",
+            ],
+        },
+    )
+    assert created.status_code == 201, created.text
+    instance_id = created.json()["id"]
+    wait_state(client, instance_id, "Running")
+    stopped = client.post(f"/instances/{instance_id}/stop")
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["state"] == "Stopped"
+    assert stopped.json()["exit_code"] == 5, "the program got SIGTERM and exited by itself"
+    assert "data: bye" in client.get(f"/instances/{instance_id}/logs").text
+    started = client.post(f"/instances/{instance_id}/start")
+    assert started.status_code == 200, started.text
+    assert wait_state(client, instance_id, "Running")["exit_code"] is None
+    assert client.delete(f"/instances/{instance_id}").status_code == 204

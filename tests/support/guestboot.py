@@ -7,17 +7,19 @@ its PID when the bound passes, and the boot reports that it timed out.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from managers.guest import kernel_cmdline, parse_markers
 from managers.guest.cmdline import qemu_extra
@@ -139,6 +141,7 @@ def qemu_argv(
     initrd: Path | None = None,
     append: Sequence[str] = (),
     mac: str | None = None,
+    qmp: Path | None = None,
 ) -> list[str]:
     if machine == "microvm":
         argv = [QEMU, "-machine", "microvm,pcie=on,acpi=on", "-kernel", str(artifacts.vmlinux)]
@@ -167,7 +170,38 @@ def qemu_argv(
             "-device",
             f"virtio-net-pci,netdev=n0,mac={mac}",
         ]
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     return argv
+
+
+QMP_TIMEOUT = 10.0
+
+
+async def qmp_command(socket: Path, command: str) -> object:
+    """Runs one QMP command on a fresh connection and returns its ``return`` value.
+
+    Raises ``RuntimeError`` with QEMU's error, ``TimeoutError`` when no answer comes in
+    ``QMP_TIMEOUT`` seconds.
+    """
+    with anyio.fail_after(QMP_TIMEOUT):
+        async with await anyio.connect_unix(str(socket)) as stream:
+            reader = BufferedByteReceiveStream(stream)
+
+            async def reply() -> object:
+                while True:
+                    message = json.loads(await reader.receive_until(b"\n", 1 << 20))
+                    if "error" in message:
+                        raise RuntimeError(f"QMP {command}: {message['error']}")
+                    if "return" in message:
+                        return message["return"]
+                    # Anything else is the greeting or an asynchronous event.
+
+            await reader.receive_until(b"\n", 1 << 20)  # the greeting
+            for name in ("qmp_capabilities", command):
+                await stream.send(json.dumps({"execute": name}).encode() + b"\n")
+                result = await reply()
+            return result
 
 
 async def boot(
@@ -182,15 +216,25 @@ async def boot(
     mac: str | None = None,
     name: str = "boot",
     watch: bytes | None = None,
+    on_watch: Callable[[], Awaitable[None]] | None = None,
+    qmp: Path | None = None,
 ) -> BootResult:
     """Boot until QEMU exits (the guest powered off) or ``time_limit`` passes, then kill it.
 
-    With ``watch``, the serial log is polled and the time the bytes first appear is kept.
+    With ``watch``, the serial log is polled and the time the bytes first appear is kept;
+    ``on_watch`` then runs once (e.g. a :func:`qmp_command` on the ``qmp`` socket).
     """
     serial_log = workdir / f"{name}.serial.log"
     serial_log.unlink(missing_ok=True)
     argv = qemu_argv(
-        artifacts, disks, serial_log, machine=machine, initrd=initrd, append=append, mac=mac
+        artifacts,
+        disks,
+        serial_log,
+        machine=machine,
+        initrd=initrd,
+        append=append,
+        mac=mac,
+        qmp=qmp,
     )
     started = time.monotonic()
     with (workdir / f"{name}.qemu.log").open("wb") as qemu_log:
@@ -206,6 +250,8 @@ async def boot(
         while watch_seconds is None:
             if serial_log.exists() and watch in serial_log.read_bytes():
                 watch_seconds = time.monotonic() - started
+                if on_watch is not None:
+                    await on_watch()
                 return
             await anyio.sleep(0.005)
 

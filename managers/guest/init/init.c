@@ -6,15 +6,20 @@
  *
  * Every failure path ends in fail(): an error marker, then power-off.  The
  * guest must never sit waiting for someone.
+ *
+ * An ACPI power-button press while the program runs is a graceful stop: SIGTERM,
+ * SIGKILL after STOP_GRACE_MS, then the usual exit marker and power-off.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/input.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -24,6 +29,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -41,6 +47,15 @@
 #define CONFIG_MAX (16u << 20)
 #define MODULE_LIST "/etc/dataplane/modules"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+/* After a power-button press the program gets SIGTERM and this long to exit before
+ * SIGKILL.  The hosts force the VM off after 10 s; this leaves time to sync and power off. */
+#define STOP_GRACE_MS 8000
+/* After SIGKILL, how long to wait for the kernel to reap the program (a process stuck in
+ * uninterruptible sleep never dies) before powering off regardless. */
+#define KILL_WAIT_MS 2000
+#define MAX_POWER_BUTTONS 8
+/* The longest the init waits for the program's execve before loading the late modules. */
+#define EXEC_WAIT_MS 2000
 
 enum tag {
     TAG_ARG = 1,
@@ -1012,37 +1027,212 @@ static void __attribute__((noreturn)) run_child(const struct config *cfg, int re
     child_fail(report, exec_errno == ENOENT ? "program-not-found" : "exec-failed", err);
 }
 
+/* ------------------------------------------------------------ power button */
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+#define LONG_BITS (8 * sizeof(unsigned long))
+
+/* Opens the event devices that can report KEY_POWER: the ACPI power button (button.ko)
+ * reaches userspace through the input layer and evdev.  Anything that fails here only
+ * means no graceful stop: the program still runs and is waited for. */
+static size_t open_power_buttons(int *fds, size_t max)
+{
+    DIR *d = opendir("/sys/class/input");
+    if (!d)
+        return 0;
+    size_t n = 0;
+    struct dirent *e;
+    while (n < max && (e = readdir(d))) {
+        if (strncmp(e->d_name, "event", 5) != 0)
+            continue;
+        char path[512], value[64];
+        snprintf(path, sizeof path, "/dev/input/%s", e->d_name);
+        if (access(path, F_OK) < 0) {
+            /* devtmpfs makes the node; make it from sysfs should it be missing. */
+            char sys[512];
+            unsigned major_no, minor_no;
+            snprintf(sys, sizeof sys, "/sys/class/input/%s/dev", e->d_name);
+            if (read_small_file(sys, value, sizeof value) < 0 ||
+                sscanf(value, "%u:%u", &major_no, &minor_no) != 2)
+                continue;
+            mkdir("/dev/input", 0755);
+            mknod(path, S_IFCHR | 0600, makedev(major_no, minor_no));
+        }
+        int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        unsigned long keys[(KEY_MAX + LONG_BITS) / LONG_BITS];
+        memset(keys, 0, sizeof keys);
+        if (ioctl(fd, EVIOCGBIT(EV_KEY, sizeof keys), keys) < 0 ||
+            !(keys[KEY_POWER / LONG_BITS] & (1UL << (KEY_POWER % LONG_BITS)))) {
+            close(fd);
+            continue;
+        }
+        fds[n++] = fd;
+    }
+    closedir(d);
+    return n;
+}
+
+/* Drains one event device: 1 if it reported a KEY_POWER press, 0 if not, -1 if the
+ * device is gone (its descriptor is then useless to poll). */
+static int read_power_press(int fd)
+{
+    struct input_event ev[16];
+    int pressed = 0;
+    for (;;) {
+        ssize_t n = read(fd, ev, sizeof ev);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return pressed;
+        if (n <= 0)
+            return -1;
+        for (size_t i = 0; i < (size_t)n / sizeof ev[0]; i++)
+            if (ev[i].type == EV_KEY && ev[i].code == KEY_POWER && ev[i].value == 1)
+                pressed = 1;
+    }
+}
+
+static void signal_program(pid_t child, int sig)
+{
+    /* The program leads its own session (setsid), so its group is everything it started
+     * that did not move away; the direct kill covers a child that has not called setsid
+     * yet. */
+    kill(-child, sig);
+    kill(child, sig);
+}
+
+/* Waits for the program to exit and returns its wait status.  A power-button press sends
+ * it SIGTERM, then SIGKILL after STOP_GRACE_MS.  `sfd` is a signalfd for SIGCHLD, or -1
+ * (then the loop looks again every 100 ms); without it and without buttons this is a
+ * plain blocking wait, as before graceful stops existed. */
+static int wait_program(pid_t child, int sfd, const int *buttons, size_t nbuttons)
+{
+    struct pollfd pfds[1 + MAX_POWER_BUTTONS];
+    pfds[0].fd = sfd;
+    pfds[0].events = POLLIN;
+    for (size_t i = 0; i < nbuttons; i++) {
+        pfds[1 + i].fd = buttons[i];
+        pfds[1 + i].events = POLLIN;
+    }
+    long deadline = -1; /* set once the program was told to stop */
+    int killed = 0;
+    for (;;) {
+        int st;
+        pid_t pid;
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+            if (pid == child)
+                return st;
+        if (pid < 0 && errno != EINTR)
+            fail("exec-failed", "waitpid: %s", strerror(errno));
+
+        if (sfd < 0 && nbuttons == 0) {
+            pid = waitpid(-1, &st, 0);
+            if (pid == child)
+                return st;
+            if (pid < 0 && errno != EINTR)
+                fail("exec-failed", "waitpid: %s", strerror(errno));
+            continue;
+        }
+        long timeout = sfd < 0 ? 100 : -1;
+        if (deadline >= 0) {
+            long left = deadline - now_ms();
+            if (left < 0)
+                left = 0;
+            if (timeout < 0 || left < timeout)
+                timeout = left;
+        }
+        int ready = poll(pfds, (nfds_t)(1 + nbuttons), (int)timeout);
+        if (ready < 0 && errno != EINTR)
+            sleep_ms(100); /* never expected; keeps the loop from spinning */
+        if (ready > 0 && (pfds[0].revents & POLLIN)) {
+            struct signalfd_siginfo info;
+            while (read(sfd, &info, sizeof info) > 0) {
+            }
+        }
+        int pressed = 0;
+        for (size_t i = 0; ready > 0 && i < nbuttons; i++) {
+            if (pfds[1 + i].fd < 0 || !pfds[1 + i].revents)
+                continue;
+            int r = (pfds[1 + i].revents & POLLIN) ? read_power_press(pfds[1 + i].fd) : -1;
+            if (r < 0) {
+                close(pfds[1 + i].fd);
+                pfds[1 + i].fd = -1; /* poll skips negative descriptors */
+            } else if (r > 0) {
+                pressed = 1;
+            }
+        }
+        if (pressed && deadline < 0) {
+            signal_program(child, SIGTERM);
+            deadline = now_ms() + STOP_GRACE_MS;
+        }
+        if (deadline >= 0 && now_ms() >= deadline) {
+            if (killed)
+                return SIGKILL; /* the status of a process killed by SIGKILL */
+            signal_program(child, SIGKILL);
+            killed = 1;
+            deadline = now_ms() + KILL_WAIT_MS;
+        }
+    }
+}
+
 static int run_program(const struct config *cfg)
 {
     if (cfg->workdir && *cfg->workdir)
         mkdir_p(cfg->workdir, 0755);
     int fds[2];
-    if (pipe2(fds, O_CLOEXEC) < 0)
+    /* Non-blocking: a program that never died (see KILL_WAIT_MS) still holds the write end. */
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
         fail("exec-failed", "pipe: %s", strerror(errno));
+    /* SIGCHLD through a signalfd, so one poll() waits for the program and the power
+     * button.  Without it the wait still works (see wait_program). */
+    sigset_t chld, saved;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    int sfd = -1;
+    int blocked = sigprocmask(SIG_BLOCK, &chld, &saved) == 0;
+    if (blocked) {
+        sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+        if (sfd < 0) {
+            sigprocmask(SIG_SETMASK, &saved, NULL);
+            blocked = 0;
+        }
+    }
     pid_t child = fork();
     if (child < 0)
         fail("exec-failed", "fork: %s", strerror(errno));
     if (child == 0) {
+        /* A blocked signal stays blocked across execve: give the program a clean mask. */
+        if (blocked)
+            sigprocmask(SIG_SETMASK, &saved, NULL);
         close(fds[0]);
         run_child(cfg, fds[1]);
     }
     close(fds[1]);
-    /* What the boot did not wait for (vsock, console, an unconfigured NIC) arrives now,
-     * while the program runs. */
+    /* What the boot did not wait for arrives once the program runs: the power button
+     * first, so that a stop request is heard as early as possible, then vsock, console
+     * and an unconfigured NIC.  Waiting for the exec (the pipe's write end closes, or a
+     * failure report arrives) keeps this work from delaying program-started on a single
+     * vCPU; the bound keeps a stuck child from holding the init. */
+    struct pollfd exec_done = {.fd = fds[0], .events = POLLIN};
+    long exec_deadline = now_ms() + EXEC_WAIT_MS;
+    for (long left = EXEC_WAIT_MS; left > 0; left = exec_deadline - now_ms())
+        if (poll(&exec_done, 1, (int)left) >= 0 || errno != EINTR)
+            break;
     program_running = 1;
+    load_modules("power");
+    int buttons[MAX_POWER_BUTTONS];
+    size_t nbuttons = open_power_buttons(buttons, MAX_POWER_BUTTONS);
     load_modules(NULL);
 
-    int status = 0;
-    for (;;) {
-        int st;
-        pid_t pid = waitpid(-1, &st, 0);
-        if (pid == child) {
-            status = st;
-            break;
-        }
-        if (pid < 0 && errno != EINTR)
-            fail("exec-failed", "waitpid: %s", strerror(errno));
-    }
+    int status = wait_program(child, sfd, buttons, nbuttons);
     char report[1024];
     ssize_t n = read(fds[0], report, sizeof report - 1);
     if (n > 0) {
