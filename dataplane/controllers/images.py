@@ -16,7 +16,7 @@ from litestar.response import Stream
 
 from dataplane import sse
 from dataplane.runtime import Runtime
-from managers.images import DiskFormat, Image, ImageManager
+from managers.images import DiskFormat, Image, ImageManager, ImageNotFound
 
 # How often a build's progress is sampled for its event stream.
 PROGRESS_POLL_SECONDS = 0.25
@@ -102,6 +102,9 @@ class ImagesController(Controller):
                     quiet_since = time.monotonic()
                     yield sse.KEEPALIVE
                 await anyio.sleep(PROGRESS_POLL_SECONDS)
-                image = await images.get(image.digest)
+                try:
+                    image = await images.get(image.digest)
+                except ImageNotFound:
+                    return  # deleted while building: the stream simply ends
 
         return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)

@@ -134,7 +134,7 @@ class InstancesController(Controller):
         # Resolve the instance and read the first lines now, so an unknown id is a
         # plain 404 rather than a stream that ends at once.
         first, position = await manager.read_log(instance_id, source, after=after, tail=tail)
-        log_file = manager.log_for(instance_id, source)
+        log_file = await manager.log_for(instance_id, source)
         keepalive = runtime.sse_keepalive_seconds
 
         async def stream() -> AsyncIterator[bytes]:
@@ -150,6 +150,8 @@ class InstancesController(Controller):
                         yield _log_event(line)
                 elif time.monotonic() - idle_since >= keepalive:
                     idle_since = time.monotonic()
+                    if not await manager.exists(instance_id):
+                        return  # deleted: nothing more will ever be written
                     yield sse.KEEPALIVE
 
         return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)

@@ -101,7 +101,13 @@ class SegmentedLog:
         else:
             current = _Segment(0, self._path(0))
             size = 0
-        if size > 0 and size + len(data) > self.segment_bytes:
+        # A new segment starts only after a complete line, so no line is ever split
+        # across two segments; a line that never ends is cut at twice the size.
+        if (
+            size > 0
+            and size + len(data) > self.segment_bytes
+            and (size >= 2 * self.segment_bytes or _ends_with_newline(current.path))
+        ):
             current = _Segment(current.start + size, self._path(current.start + size))
             segments.append(current)
         with current.path.open("ab") as handle:
@@ -125,13 +131,19 @@ class SegmentedLog:
         lines: list[LogLine] = []
         position = max(offset, segments[0].start)
         for index, segment in enumerate(segments):
+            # A segment may be rotated away between listing and reading: skip it and
+            # go on from where the next one starts.
+            position = max(position, segment.start)
             size = segment.size()
             end = segment.start + size
             if position >= end:
                 continue
-            with segment.path.open("rb") as handle:
-                handle.seek(position - segment.start)
-                data = handle.read(end - position)
+            try:
+                with segment.path.open("rb") as handle:
+                    handle.seek(position - segment.start)
+                    data = handle.read(end - position)
+            except FileNotFoundError:
+                continue
             last_segment = index == len(segments) - 1
             consumed = _split_lines(data, position, lines, final=final and last_segment)
             position += consumed
@@ -145,21 +157,18 @@ class SegmentedLog:
                     break
         return lines, position
 
-    def tail(self, count: int) -> tuple[list[LogLine], int]:
+    def tail(self, count: int, *, final: bool = False) -> tuple[list[LogLine], int]:
         """The last ``count`` complete lines and the offset after them."""
-        if count <= 0:
-            end = self.end()
-            return [], end
         # Read backwards in growing windows until enough lines are found.
         end = self.end()
         window = 16 * 1024
         while True:
             start = max(self.start(), end - window)
-            lines, position = self.read_lines(start)
+            lines, position = self.read_lines(start, final=final)
             if start > self.start() and lines:
                 lines = lines[1:]  # the first may be the tail of a cut line
             if len(lines) >= count or start <= self.start():
-                return lines[-count:], position
+                return (lines[-count:] if count > 0 else []), position
             window *= 4
 
     async def follow(
@@ -197,3 +206,12 @@ def _split_lines(data: bytes, base: int, out: list[LogLine], *, final: bool) -> 
         out.append(LogLine(base + newline + 1, data[used:newline]))
         used = newline + 1
     return used
+
+
+def _ends_with_newline(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+    except OSError:
+        return True

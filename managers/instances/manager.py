@@ -42,6 +42,7 @@ from managers.hypervisors import (
     VmmNotFound,
     VmSpec,
     VmState,
+    terminate_recorded,
 )
 from managers.images.errors import ImageNotFound
 from managers.instances.errors import (
@@ -99,6 +100,10 @@ class _Live:
     pump: LogPump
     vmm: Vmm | None = None
     pump_scope: anyio.CancelScope | None = None
+    pump_done: anyio.Event | None = None
+    # A VMM that runs but could not be attached to at start-up (it hangs, or speaks a
+    # version we refuse): the instance reads Unknown and stop/delete end it by its record.
+    unreachable: str | None = None
 
 
 class InstanceManager:
@@ -133,40 +138,61 @@ class InstanceManager:
     async def start(self) -> None:
         """Load every instance, clean what a crash left half-made, re-adopt running VMMs."""
         self._tg = await self._exit_stack.enter_async_context(anyio.create_task_group())
-        for instance_id in self._store.half_made():
+        for instance_id in await anyio.to_thread.run_sync(self._store.half_made):
             log.warning(
                 "removing half-made instance %s", instance_id, extra={"instance_id": instance_id}
             )
             await self._discard_half_made(instance_id)
-        for record in self._store.load_all():
-            instance_id = record["id"]
-            self._names[record["name"]] = instance_id
-            live = self._live_for(instance_id)
-            with contextlib.suppress(Exception):
-                self._images.acquire(record["image"]["digest"])
-            backend = self._backend(record)
+        for record in await anyio.to_thread.run_sync(self._store.load_all):
+            # One instance that cannot be re-adopted must not keep the node from starting.
             try:
-                live.vmm = await backend.attach(instance_id, self._paths.instance_dir(instance_id))
-            except VmmNotFound:
-                live.vmm = None
-            except HypervisorError as error:
-                log.warning(
-                    "could not re-adopt the VMM of %s: %s",
-                    instance_id,
+                await self._recover(record)
+            except Exception as error:
+                log.exception(
+                    "could not recover instance %s: %s",
+                    record["id"],
                     error,
-                    extra={"instance_id": instance_id},
+                    extra={"instance_id": record["id"]},
                 )
-            if live.vmm is not None:
-                log.info("re-adopted running VMM", extra={"instance_id": instance_id})
-            # Catch up on output written while we were away, then follow.
-            await anyio.to_thread.run_sync(live.pump.drain)
-            if live.vmm is not None:
-                self._start_pump(instance_id)
         # The host bridge is made on first use, so a node whose instances never ask
         # for a network never has its interfaces touched. One that already has the
         # bridge is adopted now, which also removes TAPs a crash left behind.
         if self._network is not None and bridge_exists(self._network.settings.bridge_name):
             await self._ensure_network()
+
+    async def _recover(self, record: dict[str, Any]) -> None:
+        instance_id = record["id"]
+        self._names[record["name"]] = instance_id
+        live = self._live_for(instance_id)
+        with contextlib.suppress(Exception):
+            self._images.acquire(record["image"]["digest"])
+        workdir = self._paths.instance_dir(instance_id)
+        backend = self._backends.get(record["hypervisor"])
+        if backend is None:
+            live.unreachable = f"no {record['hypervisor']} binary on this node"
+        else:
+            try:
+                live.vmm = await backend.attach(instance_id, workdir)
+            except VmmNotFound:
+                live.vmm = None
+            except HypervisorError as error:
+                live.unreachable = str(error)
+        if live.unreachable is not None:
+            log.warning(
+                "the VMM cannot be re-adopted: %s",
+                live.unreachable,
+                extra={"instance_id": instance_id},
+            )
+        if live.vmm is not None:
+            log.info("re-adopted running VMM", extra={"instance_id": instance_id})
+            # A crash between a restore and the removal of its snapshot leaves a stale one.
+            await anyio.to_thread.run_sync(
+                shutil.rmtree, self._paths.instance_standby(instance_id), True
+            )
+        # Catch up on output written while we were away, then follow.
+        await anyio.to_thread.run_sync(live.pump.drain)
+        if live.vmm is not None:
+            self._start_pump(instance_id)
 
     async def _ensure_network(self) -> NetworkManager:
         if self._network is None:
@@ -195,12 +221,13 @@ class InstanceManager:
 
     # -- queries --------------------------------------------------------------
     async def list(self, state: InstanceState | None = None) -> builtins.list[Instance]:
-        found = [await self._view(r) for r in self._store.load_all()]
+        records = await anyio.to_thread.run_sync(self._store.load_all)
+        found = [await self._view(r) for r in records]
         found.sort(key=lambda i: str(i.record.get("created_at", "")))
         return [i for i in found if state is None or i.state == state]
 
     async def get(self, key: str) -> Instance:
-        return await self._view(self._record(key))
+        return await self._view(await self._load(key))
 
     # -- create / delete ------------------------------------------------------
     async def create(self, request: CreateRequest) -> Instance:
@@ -226,8 +253,8 @@ class InstanceManager:
         allocation: Allocation | None = None
         directory = self._paths.instance_dir(instance_id)
         live = self._live_for(instance_id)
-        try:
-            async with live.lock:
+        async with live.lock:
+            try:
                 directory.mkdir(parents=True)
                 self._paths.instance_logs(instance_id).mkdir()
                 await create_overlay_disk(
@@ -248,7 +275,7 @@ class InstanceManager:
                 await write_config_disk(
                     self._paths.instance_config_disk(instance_id), self._guest_config(record, image)
                 )
-                self._store.save(record)
+                await anyio.to_thread.run_sync(self._store.save, record)
                 log.info(
                     "created instance %s (%s) from %s",
                     instance_id,
@@ -258,29 +285,35 @@ class InstanceManager:
                 )
                 if request.start:
                     await self._boot(record, live)
-        except BaseException as error:
-            log.warning(
-                "create of %s failed, rolling back: %s",
-                request.name,
-                error,
-                extra={"instance_id": instance_id},
-            )
-            with anyio.CancelScope(shield=True):
-                await self._teardown(instance_id, live, allocation is not None)
-                self._images.release(image.digest)
-                self._names.pop(request.name, None)
-            raise
+            except BaseException as error:
+                # Rolled back under the lock: nothing else can act on a half-made instance.
+                log.warning(
+                    "create of %s failed, rolling back: %s",
+                    request.name,
+                    error,
+                    extra={"instance_id": instance_id},
+                )
+                with anyio.CancelScope(shield=True):
+                    await self._teardown(instance_id, live, allocation is not None)
+                    self._images.release(image.digest)
+                    self._forget_name(request.name, instance_id)
+                raise
         return await self.get(instance_id)
 
     async def delete(self, key: str) -> None:
-        record = self._record(key)
-        instance_id = record["id"]
+        instance_id = (await self._load(key))["id"]
         live = self._live_for(instance_id)
         async with live.lock:
+            # Another delete may have finished while this one waited for the lock.
+            record = await self._load(instance_id)
             await self._teardown(instance_id, live, bool(record["network"].get("enabled")))
             self._images.release(record["image"]["digest"])
-            self._names.pop(record["name"], None)
+            self._forget_name(record["name"], instance_id)
         log.info("deleted instance %s", instance_id)
+
+    def _forget_name(self, name: str, instance_id: str) -> None:
+        if self._names.get(name) == instance_id:
+            del self._names[name]
 
     # -- actions --------------------------------------------------------------
     async def start_instance(self, key: str) -> Instance:
@@ -313,12 +346,11 @@ class InstanceManager:
         allowed: tuple[InstanceState, ...],
         work: Callable[[dict[str, Any], _Live, InstanceState], Any],
     ) -> Instance:
-        record = self._record(key)
-        instance_id = record["id"]
+        instance_id = (await self._load(key))["id"]
         live = self._live_for(instance_id)
         async with live.lock:
-            record = self._record(instance_id)
-            state = await self._state(record, live)
+            record = await self._load(instance_id)
+            state = await self._state(record, live, owner=True)
             if state not in allowed:
                 raise WrongInstanceState(instance_id, action, state, [str(s) for s in allowed])
             await work(record, live, state)
@@ -333,7 +365,12 @@ class InstanceManager:
         await self._boot(record, live)
 
     async def _do_stop(self, record: dict[str, Any], live: _Live, state: InstanceState) -> None:
-        assert live.vmm is not None
+        if live.vmm is None:
+            # Unknown: a VMM we cannot talk to; end it by the pid it recorded.
+            await terminate_recorded(self._paths.instance_dir(record["id"]))
+            live.unreachable = None
+            await self._after_vmm_gone(record, live)
+            return
         vmm = live.vmm
         if state in (S.INITIALIZING, S.RUNNING):
             with contextlib.suppress(HypervisorError):
@@ -344,8 +381,8 @@ class InstanceManager:
 
     async def _do_reboot(self, record: dict[str, Any], live: _Live, state: InstanceState) -> None:
         assert live.vmm is not None
-        live.pump.drain()
-        live.pump.new_boot()
+        await anyio.to_thread.run_sync(live.pump.drain)
+        await anyio.to_thread.run_sync(live.pump.new_boot)
         await live.vmm.reboot()
 
     async def _do_pause(self, record: dict[str, Any], live: _Live, state: InstanceState) -> None:
@@ -363,7 +400,7 @@ class InstanceManager:
         vmm = live.vmm
         target = self._paths.instance_standby(instance_id)
         staging = target.with_name("standby.partial")
-        shutil.rmtree(staging, ignore_errors=True)
+        await anyio.to_thread.run_sync(shutil.rmtree, staging, True)
         step = "pause"
         try:
             if state is not S.PAUSED:
@@ -372,10 +409,10 @@ class InstanceManager:
             staging.mkdir()
             await vmm.snapshot(staging)
             step = "stop the VMM"
-            live.pump.drain()
+            await anyio.to_thread.run_sync(live.pump.drain)
             await vmm.stop()
         except BaseException as error:
-            shutil.rmtree(staging, ignore_errors=True)
+            await anyio.to_thread.run_sync(shutil.rmtree, staging, True)
             if step != "stop the VMM" and state is not S.PAUSED:
                 with contextlib.suppress(Exception):
                     await vmm.resume()
@@ -419,38 +456,47 @@ class InstanceManager:
             if isinstance(error, Exception):
                 raise ActionFailed(instance_id, "restore", step, error) from error
             raise
-        shutil.rmtree(snapshot, ignore_errors=True)
+        await anyio.to_thread.run_sync(shutil.rmtree, snapshot, True)
         self._start_pump(instance_id)
 
     # -- logs -----------------------------------------------------------------
-    def log_for(self, key: str, source: str) -> SegmentedLog:
+    async def log_for(self, key: str, source: str) -> SegmentedLog:
         if source not in LOG_SOURCES:
             raise InvalidInstanceSpec(f"unknown log source {source!r}")
-        record = self._record(key)
+        record = await self._load(key)
         return SegmentedLog(self._paths.instance_logs(record["id"]), source)
 
     async def read_log(
         self, key: str, source: str, *, after: int | None, tail: int | None
     ) -> tuple[builtins.list[LogLine], int]:
-        """Lines to send first: after an offset (resume), the last ``tail``, or all."""
-        log_file = self.log_for(key, source)
-        if source == "app":
-            await self._drain(self._record(key)["id"])
-        if after is not None:
-            return await anyio.to_thread.run_sync(log_file.read_lines, after)
-        if tail is not None:
-            return await anyio.to_thread.run_sync(log_file.tail, tail)
-        return await anyio.to_thread.run_sync(log_file.read_lines, 0)
+        """Lines to send first: after an offset (resume), the last ``tail``, or all.
 
-    async def _drain(self, instance_id: str) -> None:
+        The pump is drained first, so what the guest printed is there; a last line
+        without its newline is included once no VMM can finish it.
+        """
+        log_file = await self.log_for(key, source)
+        instance_id = (await self._load(key))["id"]
         live = self._live.get(instance_id)
         if live is not None:
             await anyio.to_thread.run_sync(live.pump.drain)
+        final = live is None or live.vmm is None
+        if after is not None:
+            return await anyio.to_thread.run_sync(lambda: log_file.read_lines(after, final=final))
+        if tail is not None:
+            return await anyio.to_thread.run_sync(lambda: log_file.tail(tail, final=final))
+        return await anyio.to_thread.run_sync(lambda: log_file.read_lines(0, final=final))
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._load(key)
+        except InstanceNotFound:
+            return False
+        return True
 
     # -- internals ------------------------------------------------------------
-    def _record(self, key: str) -> dict[str, Any]:
+    async def _load(self, key: str) -> dict[str, Any]:
         instance_id = self._names.get(key, key)
-        record = self._store.load(instance_id)
+        record = await anyio.to_thread.run_sync(self._store.load, instance_id)
         if record is None:
             raise InstanceNotFound(key)
         return record
@@ -607,29 +653,40 @@ class InstanceManager:
         )
 
     async def _boot(self, record: dict[str, Any], live: _Live) -> None:
+        """Boot a fresh VMM; on failure, nothing it made stays (TAP, VMM)."""
         instance_id = record["id"]
         network = record["network"]
-        if network.get("enabled"):
-            net = await self._ensure_network()
-            await net.create_tap(instance_id, Allocation.from_dict(network))
-        await self._stop_pump(instance_id, live)
-        await anyio.to_thread.run_sync(live.pump.drain)
-        self._paths.instance_serial_raw(instance_id).unlink(missing_ok=True)
-        live.pump.new_boot()
+        # Everything that can refuse without side effects comes first.
         spec = await self._vm_spec(record)
         backend = self._backend(record)
-        vmm = await backend.start_vmm(instance_id, self._paths.instance_dir(instance_id))
-        live.vmm = vmm
+        await self._stop_pump(instance_id, live)
+        tap_made = False
         try:
-            await vmm.create_and_boot(spec)
+            if network.get("enabled"):
+                net = await self._ensure_network()
+                await net.create_tap(instance_id, Allocation.from_dict(network))
+                tap_made = True
+            await anyio.to_thread.run_sync(
+                self._paths.instance_serial_raw(instance_id).unlink, True
+            )
+            await anyio.to_thread.run_sync(live.pump.new_boot)
+            vmm = await backend.start_vmm(instance_id, self._paths.instance_dir(instance_id))
+            live.vmm = vmm
+            try:
+                await vmm.create_and_boot(spec)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await vmm.stop()
+                live.vmm = None
+                raise
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await vmm.stop()
-            live.vmm = None
+            if tap_made and self._network is not None:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self._network.delete_tap(instance_id)
             raise
         if not record.get("booted"):
             record["booted"] = True
-            self._store.save(record)
+            await anyio.to_thread.run_sync(self._store.save, record)
         self._start_pump(instance_id)
 
     def _start_pump(self, instance_id: str) -> None:
@@ -637,18 +694,27 @@ class InstanceManager:
         if live.pump_scope is not None or self._tg is None:
             return
         scope = anyio.CancelScope()
+        done = anyio.Event()
         live.pump_scope = scope
+        live.pump_done = done
 
         async def run() -> None:
-            with scope:
-                await live.pump.run()
+            try:
+                with scope:
+                    await live.pump.run()
+            finally:
+                done.set()
 
         self._tg.start_soon(run)
 
     async def _stop_pump(self, instance_id: str, live: _Live) -> None:
+        """Stop following and wait until the task has stopped, then copy what is left."""
         if live.pump_scope is not None:
             live.pump_scope.cancel()
             live.pump_scope = None
+        if live.pump_done is not None:
+            await live.pump_done.wait()
+            live.pump_done = None
         await anyio.to_thread.run_sync(live.pump.drain)
 
     async def _after_vmm_gone(self, record: dict[str, Any], live: _Live) -> None:
@@ -656,16 +722,23 @@ class InstanceManager:
         if record["network"].get("enabled") and self._network is not None:
             await self._network.delete_tap(record["id"])
 
-    async def _state(self, record: dict[str, Any], live: _Live) -> InstanceState:
+    async def _state(self, record: dict[str, Any], live: _Live, *, owner: bool) -> InstanceState:
+        """The instance's state. Only the lock's ``owner`` may clean up after a VMM that
+        vanished; a reader that does not hold the lock just reports it."""
         instance_id = record["id"]
-        if live.vmm is None:
+        vmm = live.vmm
+        if vmm is None:
+            if live.unreachable is not None:
+                return S.UNKNOWN
             if self._paths.instance_standby(instance_id).is_dir():
                 return S.STANDBY
             return S.STOPPED if record.get("booted") else S.CREATED
         try:
-            vm_state = await live.vmm.state()
+            vm_state = await vmm.state()
         except (VmmNotFound, VmmDied):
-            return await self._vmm_vanished(record, live)
+            if owner and live.vmm is vmm:
+                await self._vmm_vanished(record, live)
+            return S.STOPPED
         except HypervisorError as error:
             log.warning("VMM does not answer: %s", error, extra={"instance_id": instance_id})
             return S.UNKNOWN
@@ -680,18 +753,22 @@ class InstanceManager:
             return S.SHUTDOWN
         return S.RUNNING if status.program_started_at else S.INITIALIZING
 
-    async def _vmm_vanished(self, record: dict[str, Any], live: _Live) -> InstanceState:
+    async def _vmm_vanished(self, record: dict[str, Any], live: _Live) -> None:
         log.warning("the VMM exited", extra={"instance_id": record["id"]})
         if live.vmm is not None:
             with contextlib.suppress(Exception):
                 await live.vmm.stop()
         live.vmm = None
         await self._after_vmm_gone(record, live)
-        return S.STOPPED
 
     async def _view(self, record: dict[str, Any]) -> Instance:
         live = self._live_for(record["id"])
-        state = await self._state(record, live)
+        if live.lock.locked():
+            # An action is under way; report without waiting for it or touching anything.
+            state = await self._state(record, live, owner=False)
+        else:
+            async with live.lock:
+                state = await self._state(record, live, owner=True)
         status: GuestStatus = live.pump.status
         pid = live.vmm.pid if live.vmm is not None else None
         return Instance(record=record, state=state, guest=status, pid=pid or None)
@@ -702,6 +779,10 @@ class InstanceManager:
             with contextlib.suppress(Exception):
                 await live.vmm.stop()
             live.vmm = None
+        # A VMM we could not attach to (or whose stop failed) is ended by its record.
+        with contextlib.suppress(Exception):
+            await terminate_recorded(self._paths.instance_dir(instance_id))
+        live.unreachable = None
         if live.pump_scope is not None:
             live.pump_scope.cancel()
             live.pump_scope = None
@@ -710,7 +791,7 @@ class InstanceManager:
                 await self._network.delete_tap(instance_id)
             with contextlib.suppress(Exception):
                 await self._network.release(instance_id)
-        self._store.remove(instance_id)
+        await anyio.to_thread.run_sync(self._store.remove, instance_id)
         self._live.pop(instance_id, None)
 
     async def _discard_half_made(self, instance_id: str) -> None:
@@ -719,10 +800,12 @@ class InstanceManager:
             with contextlib.suppress(Exception):
                 vmm = await backend.attach(instance_id, directory)
                 await vmm.stop()
+        with contextlib.suppress(Exception):
+            await terminate_recorded(directory)
         if self._network is not None:
             with contextlib.suppress(Exception):
                 await self._network.delete_tap(instance_id)
-        shutil.rmtree(directory, ignore_errors=True)
+        await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
 
 
 def bridge_exists(name: str) -> bool:

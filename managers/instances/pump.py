@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -117,6 +118,9 @@ class LogPump:
         self._state_file = state_file
         self._status_file = status_file
         self._on_status = on_status
+        # The pump task, a reader catching up before it answers, and the manager
+        # between two boots all drain; one at a time, or bytes are copied twice.
+        self._lock = threading.Lock()
         self.status = read_status(status_file)
         self._load()
 
@@ -136,12 +140,17 @@ class LogPump:
 
     def new_boot(self) -> GuestStatus:
         """A new VMM is about to write the serial file from its start: forget the old boot."""
-        self.status = GuestStatus(boot=self.status.boot + 1)
-        write_json_atomic(self._status_file, self.status.to_dict())
-        return self.status
+        with self._lock:
+            self.status = GuestStatus(boot=self.status.boot + 1)
+            write_json_atomic(self._status_file, self.status.to_dict())
+            return self.status
 
     def drain(self) -> bool:
-        """Copy everything new once; True when anything was copied."""
+        """Copy everything new once; True when anything was copied. Thread-safe."""
+        with self._lock:
+            return self._drain()
+
+    def _drain(self) -> bool:
         moved = False
         while True:
             serial = self._serial.read_new()

@@ -124,3 +124,18 @@ def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) ->
     lines, _ = SegmentedLog(logs, "app", keep=100).read_lines(0)
     assert len(lines) == 4097
     assert pump.status.exit_code == 3
+
+
+def test_a_line_written_in_pieces_is_never_split_by_rotation(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=16, keep=10)
+    for piece in (b"0123456789", b"abcdefghij", b"KLMNO\n", b"next\n"):
+        log.append(piece)
+    lines, _ = log.read_lines(0)
+    assert [line.text for line in lines] == [b"0123456789abcdefghijKLMNO", b"next"]
+
+
+def test_tail_zero_starts_after_the_last_complete_line(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app")
+    log.append(b"done\npartial")
+    assert log.tail(0) == ([], 5)
+    assert [line.text for line in log.tail(1, final=True)[0]] == [b"partial"]
