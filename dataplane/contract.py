@@ -276,8 +276,10 @@ class ContractMiddleware:
         if match is None:
             allowed = self.spec.allowed_methods(path)
             if allowed is None:
-                # Unknown route: the router answers 404 in the Error shape.
-                await self.app(scope, receive, send)
+                # Not a path of the contract. Answered here rather than by the router,
+                # which would forgive a trailing or doubled slash and reach a handler
+                # with a request nobody validated.
+                await send_error(send, 404, "not_found", f"no route for {scope['method']} {path}")
                 return
             # The spec, not the router, says which methods a path has (the router
             # would also offer OPTIONS and route by its own, looser templates).

@@ -182,9 +182,14 @@ async def test_event_streams_pass_through_unbuffered(
 
 
 @pytest.mark.anyio
-async def test_unknown_routes_pass_to_the_router(middleware: ContractMiddleware, app: App) -> None:
-    await call(middleware, "GET", "/elsewhere")
-    assert app.calls[0]["path"] == "/elsewhere"
+@pytest.mark.parametrize("path", ["/elsewhere", "/things/", "//things", "/things/abc/"])
+async def test_paths_outside_the_contract_are_404_and_never_reach_the_app(
+    middleware: ContractMiddleware, app: App, path: str
+) -> None:
+    response = await call(middleware, "POST" if path.startswith("/things") else "GET", path)
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+    assert app.calls == []
 
 
 @pytest.mark.anyio
