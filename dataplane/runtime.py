@@ -76,6 +76,7 @@ class Runtime:
             cloud_hypervisor_bin=self.settings.cloud_hypervisor_bin,
             qemu_bin=self.settings.qemu_bin,
             memory_restore_mode=self.settings.memory_restore_mode,
+            probe_cache=self.paths.acceleration_cache,
         )
         found: dict[str, HypervisorBackend] = {}
         binaries = {

@@ -17,12 +17,16 @@ Layout::
                               logs/ (serial.raw and vmm.log as the VMM writes them;
                               app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
     volumes/<id>/             metadata.json, data.raw
+
+Outside ``DATA_DIR``, ``/run/dataplane/`` holds facts of the current host boot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+RUN_DIR = Path("/run/dataplane")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,13 @@ class Paths:
     @property
     def tmp(self) -> Path:
         return self.system / "tmp"
+
+    @property
+    def acceleration_cache(self) -> Path:
+        """The KVM-or-TCG probe's answer (managers.hypervisors). A fact of the host and
+        its current boot, so it lives in /run, which every boot starts empty, and is
+        shared by every dataplane on the host."""
+        return RUN_DIR / "acceleration.json"
 
     # -- images --------------------------------------------------------------
     @property

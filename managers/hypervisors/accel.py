@@ -9,27 +9,77 @@ ends QEMU. No panic line before the deadline means KVM is not usable.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import anyio
 
+from managers.atomic import write_json_atomic
+
 from .process import VmmProcess, proc_start_time
 from .types import Acceleration
 
 PROBE_TIMEOUT = 6.0
-_cache: dict[tuple[str, str], Acceleration] = {}
+_cache: dict[str, Acceleration] = {}
+_probing: dict[str, anyio.Lock] = {}
 
 
-async def probe_acceleration(qemu_bin: str, kernel: Path) -> Acceleration:
-    key = (qemu_bin, str(kernel))
-    if key not in _cache:
-        _cache[key] = (
-            Acceleration.KVM if await _kvm_runs_guest(qemu_bin, kernel) else (Acceleration.TCG)
-        )
+async def probe_acceleration(
+    qemu_bin: str, kernel: Path, cache_file: Path | None = None
+) -> Acceleration:
+    """KVM or TCG, probed once per QEMU binary, kernel and host boot.
+
+    A probe that finds KVM unusable costs its whole timeout, so the answer is shared
+    by concurrent callers and, with ``cache_file``, by later processes: it stays
+    true until the binary, the kernel or the host's boot changes.
+    """
+    key = _fingerprint(qemu_bin, kernel)
+    lock = _probing.setdefault(key, anyio.Lock())
+    async with lock:
+        if key not in _cache:
+            stored = _read_cache(cache_file).get(key) if cache_file else None
+            if stored in (Acceleration.KVM.value, Acceleration.TCG.value):
+                _cache[key] = Acceleration(stored)
+            else:
+                usable = await _kvm_runs_guest(qemu_bin, kernel)
+                _cache[key] = Acceleration.KVM if usable else Acceleration.TCG
+                if cache_file is not None:
+                    _write_cache(cache_file, key, _cache[key])
     return _cache[key]
+
+
+def _fingerprint(qemu_bin: str, kernel: Path) -> str:
+    parts = []
+    for path in (Path(shutil.which(qemu_bin) or qemu_bin), kernel):
+        try:
+            stat = path.resolve().stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:
+            parts.append(str(path))
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        parts.append("unknown-boot")
+    return "|".join(parts)
+
+
+def _read_cache(cache_file: Path) -> dict[str, str]:
+    try:
+        data = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_cache(cache_file: Path, key: str, value: Acceleration) -> None:
+    # Only this host's current answer is worth keeping.
+    with contextlib.suppress(OSError):
+        write_json_atomic(cache_file, {key: value.value})
 
 
 async def _kvm_runs_guest(qemu_bin: str, kernel: Path) -> bool:

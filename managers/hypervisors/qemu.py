@@ -57,6 +57,8 @@ _STATUS: dict[str, VmState] = {
     "guest-panicked": VmState.SHUTDOWN,
 }
 _MIGRATION_TIMEOUT = 300.0
+# How often a migration (snapshot or restore) is asked whether it has finished.
+_POLL_SECONDS = 0.01
 _UNPLUG_TIMEOUT = 30.0
 
 
@@ -78,7 +80,7 @@ class QemuBackend:
         if probe_kernel is None:
             # Without a kernel there is nothing to probe with; TCG always works.
             return Acceleration.TCG
-        return await probe_acceleration(self.qemu_bin, probe_kernel)
+        return await probe_acceleration(self.qemu_bin, probe_kernel, self.settings.probe_cache)
 
     async def version(self) -> str:
         return await binary_version(self.qemu_bin)
@@ -201,7 +203,9 @@ class QemuVmm:
             raise
 
     async def _wait_incoming(self) -> None:
-        delay = 0.01
+        # A steady short poll: a growing back-off noticed completion up to 100 ms late,
+        # which is most of what a restore costs beyond QEMU's own work.
+        delay = _POLL_SECONDS
         with anyio.move_on_after(_MIGRATION_TIMEOUT):
             while True:
                 status = await self._status()
@@ -216,7 +220,6 @@ class QemuVmm:
                         self.instance_id, f"restore ended in QEMU state {status!r}"
                     )
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 0.1)
         raise OperationTimeout(self.instance_id, "restore did not finish in time")
 
     async def state(self) -> VmState:
@@ -270,7 +273,6 @@ class QemuVmm:
             await self._exec("stop")
         memory = destination / MEMORY_FILE
         await self._exec("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
-        delay = 0.01
         with anyio.move_on_after(_MIGRATION_TIMEOUT) as scope:
             while True:
                 result = await self._exec("query-migrate")
@@ -283,8 +285,7 @@ class QemuVmm:
                         self.instance_id,
                         f"snapshot migration {status}: {result.get('error-desc', '')}",
                     )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                await anyio.sleep(_POLL_SECONDS)
         if scope.cancelled_caught:
             await self._exec("migrate_cancel")
             memory.unlink(missing_ok=True)

@@ -237,6 +237,8 @@ class BackendSettings:
     # The kernel the QEMU acceleration probe boots (KERNEL_PATH); without one the probe uses
     # the first VM's kernel.
     kernel: Path | None = None
+    # Where the acceleration probe's answer is kept across processes (see accel.py).
+    probe_cache: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -317,37 +317,49 @@ class InstanceManager:
 
     # -- actions --------------------------------------------------------------
     async def start_instance(self, key: str) -> Instance:
-        return await self._act(key, "start", (S.CREATED, S.STOPPED, S.SHUTDOWN), self._do_start)
+        startable = (S.CREATED, S.STOPPED, S.SHUTDOWN)
+        return await self._act(key, "start", startable, self._do_start, None)
 
     async def stop(self, key: str) -> Instance:
-        return await self._act(key, "stop", _LIVE, self._do_stop)
+        return await self._act(key, "stop", _LIVE, self._do_stop, S.STOPPED)
 
     async def reboot(self, key: str) -> Instance:
-        return await self._act(key, "reboot", (S.INITIALIZING, S.RUNNING), self._do_reboot)
+        return await self._act(key, "reboot", (S.INITIALIZING, S.RUNNING), self._do_reboot, None)
 
     async def pause(self, key: str) -> Instance:
-        return await self._act(key, "pause", (S.INITIALIZING, S.RUNNING), self._do_pause)
+        running = (S.INITIALIZING, S.RUNNING)
+        return await self._act(key, "pause", running, self._do_pause, S.PAUSED)
 
     async def resume(self, key: str) -> Instance:
-        return await self._act(key, "resume", (S.PAUSED,), self._do_resume)
+        return await self._act(key, "resume", (S.PAUSED,), self._do_resume, None)
 
     async def standby(self, key: str) -> Instance:
-        return await self._act(
-            key, "standby", (S.INITIALIZING, S.RUNNING, S.PAUSED), self._do_standby
-        )
+        awake = (S.INITIALIZING, S.RUNNING, S.PAUSED)
+        return await self._act(key, "standby", awake, self._do_standby, S.STANDBY)
 
     async def restore(self, key: str) -> Instance:
-        return await self._act(key, "restore", (S.STANDBY,), self._do_restore)
+        return await self._act(key, "restore", (S.STANDBY,), self._do_restore, None)
 
     async def _act(
         self,
         key: str,
         action: str,
         allowed: tuple[InstanceState, ...],
-        work: Callable[[dict[str, Any], _Live, InstanceState], Any],
+        work: Callable[[dict[str, Any], _Live, InstanceState], Awaitable[None]],
+        after: InstanceState | None,
     ) -> Instance:
-        instance_id = (await self._load(key))["id"]
-        live = self._live_for(instance_id)
+        """Run ``work`` under the lock if the state allows it.
+
+        ``after`` is the state a successful action leaves (None: ask, as the program
+        may or may not have started); the VMM has just accepted the action, so asking
+        it again would only cost another round trip.
+        """
+        # A name resolves without touching the disk; the record is read once, under the lock.
+        instance_id = self._names.get(key, key)
+        live = self._live_for(instance_id) if instance_id in self._live else None
+        if live is None:
+            instance_id = (await self._load(key))["id"]
+            live = self._live_for(instance_id)
         async with live.lock:
             record = await self._load(instance_id)
             state = await self._state(record, live, owner=True)
@@ -355,7 +367,17 @@ class InstanceManager:
                 raise WrongInstanceState(instance_id, action, state, [str(s) for s in allowed])
             await work(record, live, state)
             log.info("%s done", action, extra={"instance_id": instance_id})
-        return await self.get(instance_id)
+            if after is None:
+                after = self._running_or_initializing(live)
+            pid = live.vmm.pid if live.vmm is not None else None
+            return Instance(record=record, state=after, guest=live.pump.status, pid=pid or None)
+
+    @staticmethod
+    def _running_or_initializing(live: _Live) -> InstanceState:
+        status = live.pump.status
+        if status.exited_at is not None:
+            return S.SHUTDOWN
+        return S.RUNNING if status.program_started_at else S.INITIALIZING
 
     async def _do_start(self, record: dict[str, Any], live: _Live, state: InstanceState) -> None:
         if live.vmm is not None:
@@ -748,10 +770,7 @@ class InstanceManager:
             return S.SHUTDOWN
         if vm_state is VmState.NOT_CREATED:
             return S.UNKNOWN
-        status = live.pump.status
-        if status.exited_at is not None:
-            return S.SHUTDOWN
-        return S.RUNNING if status.program_started_at else S.INITIALIZING
+        return self._running_or_initializing(live)
 
     async def _vmm_vanished(self, record: dict[str, Any], live: _Live) -> None:
         log.warning("the VMM exited", extra={"instance_id": record["id"]})

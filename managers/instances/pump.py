@@ -35,6 +35,8 @@ from managers.instances.types import GuestStatus
 log = logging.getLogger("managers.instances.pump")
 
 CHUNK = 256 * 1024
+# How long after the pump starts it watches closely for the program to start.
+BOOT_WATCH_SECONDS = 60.0
 # Once this much of a raw file has been copied, its blocks are given back to the
 # filesystem (a hole is punched): the file keeps its size and the VMM its write
 # offset, so this is safe whatever mode the VMM opened the file in, and the disk
@@ -188,12 +190,20 @@ class LogPump:
             if self._on_status is not None:
                 self._on_status(status)
 
-    async def run(self, poll_seconds: float = 0.1) -> None:
-        """Pump until cancelled; a final drain happens in :meth:`drain` by the caller."""
+    async def run(self, poll_seconds: float = 0.1, booting_poll_seconds: float = 0.02) -> None:
+        """Pump until cancelled; a final drain happens in :meth:`drain` by the caller.
+
+        Until the program has started, the pump looks more often: the moment the
+        ``program-started`` marker arrives is the moment the instance reads Running.
+        """
+        fast_until = anyio.current_time() + BOOT_WATCH_SECONDS
         while True:
             moved = await anyio.to_thread.run_sync(self.drain)
             if not moved:
-                await anyio.sleep(poll_seconds)
+                status = self.status
+                booting = status.program_started_at is None and status.exited_at is None
+                fast = booting and anyio.current_time() < fast_until
+                await anyio.sleep(booting_poll_seconds if fast else poll_seconds)
 
 
 def read_status(path: Path) -> GuestStatus:
