@@ -25,6 +25,7 @@ bench: setup
 	$(PY) scripts/bench/api.py
 	$(PY) scripts/bench/images.py
 	$(PY) scripts/bench/guest.py
+	$(PY) scripts/bench/lifecycle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
