@@ -8,9 +8,12 @@ managers that know nothing of HTTP. Extra fields passed with ``extra={...}``
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any
@@ -29,7 +32,9 @@ _STANDARD_ATTRS = frozenset(
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        # A record that went through the queue already carries the id of its task.
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
         return True
 
 
@@ -47,8 +52,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
         }
         entry.update(_extras(record))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        exception = _exception(self, record)
+        if exception:
+            entry["exception"] = exception
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
@@ -61,9 +67,16 @@ class ConsoleFormatter(logging.Formatter):
         )
         if extras:
             line = f"{line} {extras}"
-        if record.exc_info:
-            line = f"{line}\n{self.formatException(record.exc_info)}"
+        exception = _exception(self, record)
+        if exception:
+            line = f"{line}\n{exception}"
         return line
+
+
+def _exception(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    if record.exc_info:
+        return formatter.formatException(record.exc_info)
+    return record.exc_text
 
 
 def _utc_timestamp(created: float) -> str:
@@ -95,15 +108,46 @@ class InstanceLogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _ToQueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread, keeping their extras and request id.
+
+    The request id is read here, in the task that logged, where its context
+    variable is set; the message and traceback are rendered here too, because
+    the arguments and the exception may not outlive the call.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.request_id = request_id_var.get()
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def configure(log_format: LogFormat, level: str = "info") -> None:
-    """Route every logger (ours, uvicorn's, litestar's) through one handler on stderr."""
+    """Route every logger (ours, uvicorn's, litestar's) to stderr, written by a thread.
+
+    Logging calls only put the record on a queue; formatting and file writes (stderr,
+    instance logs) happen in a listener thread, so a log line never blocks the event loop.
+    """
+    global _listener
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
-    handler.addFilter(_RequestIdFilter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    if _listener is not None:
+        _listener.stop()
+    _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _listener.start()
+    atexit.register(_listener.stop)
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
-    root.addHandler(handler)
+    root.addHandler(_ToQueue(records))
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "litestar"):
         logger = logging.getLogger(name)
@@ -111,3 +155,18 @@ def configure(log_format: LogFormat, level: str = "info") -> None:
         logger.propagate = True
     # Requests are logged once, by our request-context middleware, with the request id.
     logging.getLogger("uvicorn.access").disabled = True
+
+
+def attach(handler: logging.Handler) -> None:
+    """Add a handler: to the writer thread when :func:`configure` set one up, else to root."""
+    if _listener is not None:
+        _listener.handlers = (*_listener.handlers, handler)
+    else:
+        logging.getLogger().addHandler(handler)
+
+
+def detach(handler: logging.Handler) -> None:
+    if _listener is not None:
+        _listener.handlers = tuple(h for h in _listener.handlers if h is not handler)
+    else:
+        logging.getLogger().removeHandler(handler)

@@ -27,6 +27,8 @@ from litestar import Litestar
 from dataplane import __version__
 from dataplane.errors import ApiError
 from dataplane.logs import InstanceLogHandler
+from dataplane.logs import attach as attach_log_handler
+from dataplane.logs import detach as detach_log_handler
 from dataplane.settings import Settings
 from dataplane.spec import Spec
 from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
@@ -125,8 +127,8 @@ class Runtime:
         await anyio.to_thread.run_sync(self.paths.ensure)
         async with contextlib.AsyncExitStack() as stack:
             instance_logs = InstanceLogHandler(self.paths, settings.log_format)
-            logging.getLogger().addHandler(instance_logs)
-            stack.callback(logging.getLogger().removeHandler, instance_logs)
+            attach_log_handler(instance_logs)
+            stack.callback(detach_log_handler, instance_logs)
             images = ImageManager(
                 self.paths,
                 max_concurrent_builds=settings.max_concurrent_builds,

@@ -44,6 +44,7 @@ from managers.hypervisors import (
     VmState,
     terminate_recorded,
 )
+from managers.hypervisors import WrongState as HypervisorWrongState
 from managers.images.errors import ImageNotFound
 from managers.instances.errors import (
     ActionFailed,
@@ -328,10 +329,10 @@ class InstanceManager:
 
     async def pause(self, key: str) -> Instance:
         running = (S.INITIALIZING, S.RUNNING)
-        return await self._act(key, "pause", running, self._do_pause, S.PAUSED)
+        return await self._act(key, "pause", running, self._do_pause, S.PAUSED, optimistic=True)
 
     async def resume(self, key: str) -> Instance:
-        return await self._act(key, "resume", (S.PAUSED,), self._do_resume, None)
+        return await self._act(key, "resume", (S.PAUSED,), self._do_resume, None, optimistic=True)
 
     async def standby(self, key: str) -> Instance:
         awake = (S.INITIALIZING, S.RUNNING, S.PAUSED)
@@ -347,6 +348,8 @@ class InstanceManager:
         allowed: tuple[InstanceState, ...],
         work: Callable[[dict[str, Any], _Live, InstanceState], Awaitable[None]],
         after: InstanceState | None,
+        *,
+        optimistic: bool = False,
     ) -> Instance:
         """Run ``work`` under the lock if the state allows it.
 
@@ -362,10 +365,22 @@ class InstanceManager:
             live = self._live_for(instance_id)
         async with live.lock:
             record = await self._load(instance_id)
-            state = await self._state(record, live, owner=True)
-            if state not in allowed:
-                raise WrongInstanceState(instance_id, action, state, [str(s) for s in allowed])
-            await work(record, live, state)
+            if optimistic and live.vmm is not None and live.unreachable is None:
+                # The VMM enforces the same rule (it pauses only a running VM and resumes
+                # only a paused one), so it is asked once: the state is read only to
+                # explain a refusal.
+                try:
+                    await work(record, live, S.RUNNING if action == "pause" else S.PAUSED)
+                except HypervisorWrongState:
+                    state = await self._state(record, live, owner=True)
+                    raise WrongInstanceState(
+                        instance_id, action, state, [str(s) for s in allowed]
+                    ) from None
+            else:
+                state = await self._state(record, live, owner=True)
+                if state not in allowed:
+                    raise WrongInstanceState(instance_id, action, state, [str(s) for s in allowed])
+                await work(record, live, state)
             log.info("%s done", action, extra={"instance_id": instance_id})
             if after is None:
                 after = self._running_or_initializing(live)
