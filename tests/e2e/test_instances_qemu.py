@@ -218,7 +218,7 @@ def test_program_exit_code_is_reported(live: Live) -> None:
 def test_restart_of_the_dataplane_keeps_a_running_guest(live: Live, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = live.source.env
-    with run_server(data_dir, env) as first, first.client(BOUND) as client:
+    with run_server(data_dir, env, keep_vmms=True) as first, first.client(BOUND) as client:
         assert client.post("/images", json={"name": live.source.image}).status_code == 202
         wait_ready(client, live.source.image)
         created = client.post("/instances", json={"name": "steady", "image": live.source.image})

@@ -302,7 +302,7 @@ def parse_events(body: str) -> list[tuple[int, str]]:
 def test_restart_keeps_running_and_standby_instances(source: Source, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     with (
-        run_server(data_dir, source.env) as first,
+        run_server(data_dir, source.env, keep_vmms=True) as first,
         httpx.Client(base_url=first.url, timeout=60) as client,
     ):
         client.post("/images", json={"name": source.image})

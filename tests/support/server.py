@@ -18,7 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
+
+from managers.hypervisors import terminate_recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,9 +66,16 @@ def run_server(
     *,
     check_contract: bool = True,
     netns: str | None = None,
+    keep_vmms: bool = False,
 ) -> Iterator[RunningServer]:
     """Serve on a free TCP port, or, inside the network namespace ``netns``, on a Unix
-    socket (a namespace's loopback is out of this process's reach; a socket file is not)."""
+    socket (a namespace's loopback is out of this process's reach; a socket file is not).
+
+    VMMs outlive the dataplane by design, so at exit every VMM recorded under
+    ``data_dir`` is ended (by its recorded pid). ``keep_vmms`` spares them when the
+    block ends normally, for a test that starts a second server on the same data;
+    when the block fails they are ended all the same.
+    """
     port = free_port()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
@@ -93,11 +103,26 @@ def run_server(
     try:
         _wait_until_live(server)
         yield server
-    finally:
+    except BaseException:
         server.stop()
+        reap_vmms(data_dir)
+        raise
+    server.stop()
+    if not keep_vmms:
+        reap_vmms(data_dir)
     if check_contract:
         violations = [line for line in server.log().splitlines() if "contract violation" in line]
         assert not violations, "the server broke its contract:\n" + "\n".join(violations)
+
+
+def reap_vmms(data_dir: Path) -> None:
+    """End every VMM whose record is under ``data_dir`` (none is left after a clean test)."""
+    instances = data_dir / "instances"
+    if not instances.is_dir():
+        return
+    for folder in instances.iterdir():
+        if folder.is_dir():
+            anyio.run(terminate_recorded, folder)
 
 
 def _wait_until_live(server: RunningServer, timeout: float = 30.0) -> None:
