@@ -61,21 +61,15 @@ class InstancesController(Controller):
     async def create(
         self, runtime: NamedDependency[Runtime], data: JSONBody[dict[str, Any]]
     ) -> dict[str, Any]:
-        request = CreateRequest(
-            name=data["name"],
-            image=data["image"],
-            vcpus=data.get("vcpus", 1),
-            memory_mb=data.get("memory_mb", 256),
-            memory_max_mb=data.get("memory_max_mb"),
-            overlay_size_mb=data.get("overlay_size_mb", 1024),
-            env=data.get("env", {}),
-            entrypoint=tuple(data["entrypoint"]) if "entrypoint" in data else None,
-            cmd=tuple(data["cmd"]) if "cmd" in data else None,
-            workdir=data.get("workdir"),
-            network=bool((data.get("network") or {}).get("enabled", False)),
-            hypervisor=data.get("hypervisor"),
-            start=data.get("start", True),
-        )
+        # The body is already valid against the spec; absent fields keep the
+        # defaults CreateRequest defines (the one place they are written).
+        fields = {k: v for k, v in data.items() if k not in ("entrypoint", "cmd", "network")}
+        for argv in ("entrypoint", "cmd"):
+            if argv in data:
+                fields[argv] = tuple(data[argv])
+        if "network" in data:
+            fields["network"] = bool(data["network"].get("enabled", False))
+        request = CreateRequest(**fields)
         return instance_json(await _manager(runtime).create(request))
 
     @get("/")

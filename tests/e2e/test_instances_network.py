@@ -33,7 +33,9 @@ REASON = unavailable_reason() or (
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.netns,
-    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    pytest.mark.skipif(
+        REASON is not None, reason=REASON or "network namespaces and QEMU are available"
+    ),
 ]
 
 GATEWAY = "192.168.100.1"

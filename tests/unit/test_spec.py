@@ -89,3 +89,18 @@ def _reference_pattern() -> str:
 def test_every_reference_the_spec_admits_is_one_the_parser_accepts(reference: str) -> None:
     # Were the spec looser than the parser, a schema-valid request would get a 400.
     parse_reference(reference)
+
+
+def test_the_spec_documents_the_defaults_the_domain_applies() -> None:
+    from dataclasses import fields
+
+    from managers.instances import CreateRequest
+
+    document = yaml.safe_load(SPEC_PATH.read_bytes())
+    properties = document["components"]["schemas"]["CreateInstance"]["properties"]
+    defaults = {
+        f.name: f.default for f in fields(CreateRequest) if isinstance(f.default, (int, bool))
+    }
+    for name, value in defaults.items():
+        if name in properties:
+            assert properties[name].get("default") == value, name
