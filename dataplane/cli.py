@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 from types import FrameType
@@ -16,6 +17,24 @@ from dataplane.logs import configure
 from dataplane.settings import Settings, SettingsError
 
 log = logging.getLogger("dataplane")
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one; returns the new soft limit.
+
+    Each instance holds a few descriptors for as long as it lives (its VMM's API
+    connection, a pidfd, the VMM's event file), and distributions start services
+    with a soft limit of 1024, which would cap a node at a few hundred instances.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("could not raise the open-file limit from %d: %s", soft, error)
+    return soft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     configure(settings.log_format, settings.log_level)
+    open_files = raise_open_file_limit()
+    log.debug("open-file limit: %d", open_files)
     where = (
         f"unix:{settings.listen_socket}"
         if settings.listen_socket

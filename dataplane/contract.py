@@ -13,6 +13,10 @@ the router:
 Two caches keep the cost per request well under a millisecond: the operation is
 found by our own index (:mod:`dataplane.spec`) and openapi-core's path lookup is
 memoized per operation; compiled JSON-schema validators are memoized per schema.
+Each schema is also compiled by jsonschema-rs, which answers "valid" about two
+hundred times faster than the pure-Python jsonschema openapi-core drives; only a
+value it refuses goes through jsonschema, which stays the authority and writes
+the error messages (see :class:`_FastSchemaValidator`).
 Authentication is not checked here (see :mod:`dataplane.auth`), so openapi-core's
 security step is skipped.
 """
@@ -25,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
+import jsonschema_rs
 import yaml
+from jsonschema.exceptions import ValidationError as JsonSchemaError
 from openapi_core import OpenAPI
 from openapi_core.configurations import Config
 from openapi_core.datatypes import RequestParameters
@@ -37,6 +43,7 @@ from openapi_core.validation.request.validators import (
 )
 from openapi_core.validation.response.validators import V31ResponseValidator
 from openapi_core.validation.schemas import oas31_schema_validators_factory
+from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from openapi_core.validation.schemas.factories import SchemaValidatorsFactory
 from openapi_core.validation.schemas.validators import SchemaValidator
 
@@ -94,6 +101,55 @@ class _Response:
     data: bytes
 
 
+class _FastSchemaValidator(SchemaValidator):
+    """A schema validator that asks a compiled (Rust) validator first.
+
+    jsonschema (the reference implementation openapi-core is built on) walks a
+    20-instance list in about 3 ms; jsonschema-rs in about 20 µs. A value the fast
+    one accepts is done. One it refuses goes through jsonschema, whose messages are
+    kept. Where only jsonschema accepts, the refusal stands: the one difference is
+    ``pattern``, which JSON Schema defines with ECMA-262 regexes, where ``$`` ends
+    the string, while jsonschema uses Python's, where ``$`` also matches before a
+    final newline (so ``"web\n"`` passed the name pattern). A value jsonschema-rs
+    cannot read (not JSON) is left to jsonschema. ``tests/unit/test_contract_fast.py``
+    checks the two agree on values generated from every schema of the spec.
+    """
+
+    def __init__(
+        self, schema: Any, validator: Any, fast: jsonschema_rs.Validator | None = None
+    ) -> None:
+        super().__init__(schema, validator)
+        self.fast = fast
+
+    def validate(self, value: Any) -> None:
+        if self.fast is None:
+            super().validate(value)
+            return
+        try:
+            if self.fast.is_valid(value):
+                return
+        except ValueError:
+            super().validate(value)
+            return
+        super().validate(value)
+        errors = [
+            JsonSchemaError(error.message, path=error.instance_path)
+            for error in self.fast.iter_errors(value)
+        ]
+        schema_type = (self.schema / "type").read_str_or_list("any")
+        raise InvalidSchemaValue(value, schema_type, schema_errors=errors)
+
+
+def compile_fast(document: dict[str, Any], schema: dict[str, Any]) -> jsonschema_rs.Validator:
+    """jsonschema-rs for ``schema``, one of the OpenAPI ``document``'s schemas.
+
+    The schema is laid over the document, so its ``$ref``s to components resolve
+    as openapi-core resolves them; the document's own keys (``paths``, ``info``...)
+    are unknown keywords there, which JSON Schema ignores.
+    """
+    return jsonschema_rs.Draft202012Validator({**document, **schema}, validate_formats=True)
+
+
 class _MemoizedSchemaValidators(SchemaValidatorsFactory):
     """Compile each JSON schema once instead of on every request.
 
@@ -102,8 +158,9 @@ class _MemoizedSchemaValidators(SchemaValidatorsFactory):
     location is enough.
     """
 
-    def __init__(self, base: SchemaValidatorsFactory) -> None:
+    def __init__(self, base: SchemaValidatorsFactory, document: dict[str, Any]) -> None:
         super().__init__(base.schema_validator_cls, base.format_checker)
+        self._document = document
         self._memo: dict[tuple[Any, ...], SchemaValidator] = {}
 
     def create(
@@ -130,6 +187,17 @@ class _MemoizedSchemaValidators(SchemaValidatorsFactory):
                 forbid_unspecified_additional_properties,
                 enforce_properties_required,
             )
+            # openapi-core's strict modes add keywords plain JSON Schema lacks.
+            plain = not (
+                forbid_unspecified_additional_properties
+                or enforce_properties_required
+                or format_validators
+                or extra_format_validators
+            )
+            if plain:
+                with schema.resolve() as resolved:
+                    fast = compile_fast(self._document, resolved.contents)
+                validator = _FastSchemaValidator(validator.schema, validator.validator, fast)
             self._memo[key] = validator
         return validator
 
@@ -185,7 +253,7 @@ class Contract:
 
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
-        factory = _MemoizedSchemaValidators(oas31_schema_validators_factory)
+        factory = _MemoizedSchemaValidators(oas31_schema_validators_factory, spec.document)
         self._parameters = OpenAPI.from_dict(
             spec.document,
             config=Config(

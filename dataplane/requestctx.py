@@ -37,7 +37,7 @@ class RequestContextMiddleware:
             # segment; handlers decode their parameters themselves.
             scope["path"] = raw_path.decode("latin-1")
         given = header(scope, b"x-request-id")
-        request_id = given if given and _SANE_ID.match(given) else uuid.uuid4().hex
+        request_id = given if given and _SANE_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()

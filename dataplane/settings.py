@@ -279,7 +279,7 @@ class _Env:
 
     def ifname(self, name: str, default: str) -> str:
         raw = self.optional(name) or default
-        if not _IFNAME.match(raw):
+        if not _IFNAME.fullmatch(raw):
             raise SettingsError(
                 name, "a network interface name of 1-15 letters, digits, '_', '.' or '-'", raw
             )
@@ -299,7 +299,7 @@ class _Env:
             return frozenset()
         hosts = [item.strip() for item in raw.split(",") if item.strip()]
         for host in hosts:
-            if not _REGISTRY.match(host):
+            if not _REGISTRY.fullmatch(host):
                 raise SettingsError(name, "a comma-separated list of host[:port]", raw)
         return frozenset(hosts)
 

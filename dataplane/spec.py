@@ -132,7 +132,7 @@ class Spec:
         if route is not None:
             return route, {}
         for candidate in self._templated:
-            found = candidate.regex.match(raw_path)
+            found = candidate.regex.fullmatch(raw_path)
             if found:
                 values = found.groupdict()
                 return candidate, {

@@ -85,7 +85,7 @@ def _network(net: NetworkConfig) -> list[bytes]:
             raise InvalidGuestConfig(f"DNS server {server!r} is not an IP address") from exc
         records.append(_record(TAG_NET_DNS, server.encode()))
     if net.mac is not None:
-        if not _MAC.match(net.mac):
+        if not _MAC.fullmatch(net.mac):
             raise InvalidGuestConfig(
                 f"MAC address {net.mac!r} is not of the form 52:54:00:12:34:56"
             )
@@ -112,7 +112,7 @@ def encode_config(config: GuestConfig) -> bytes:
             raise InvalidGuestConfig(f"user {config.user!r} has an empty user or group part")
         records.append(_record(TAG_USER, _text(config.user, "user")))
     if config.hostname:
-        if not _HOSTNAME.match(config.hostname):
+        if not _HOSTNAME.fullmatch(config.hostname):
             raise InvalidGuestConfig(f"hostname {config.hostname!r} is not a valid host name")
         records.append(_record(TAG_HOSTNAME, config.hostname.encode()))
     if config.network is not None:

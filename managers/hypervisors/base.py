@@ -35,6 +35,13 @@ class Vmm(Protocol):
         """Ask the VMM. Raises ``VmmDied`` when the process is gone."""
         ...
 
+    def known_state(self) -> VmState | None:
+        """The last answer of :meth:`state`, while the VMM provably has not changed since:
+        it is alive, nothing has been asked of it, and it has reported no event. None means
+        ask. Never blocks (no request, no path lookup), so a list of many VMs costs no round
+        trip for those that sat still."""
+        ...
+
     async def pause(self) -> None: ...
 
     async def resume(self) -> None: ...

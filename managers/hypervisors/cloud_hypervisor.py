@@ -183,6 +183,12 @@ class ChVmm:
         self._instance_id = instance_id
         self._client: ChClient | None = None
         self.version = ""
+        # The last state read, with the request count and the size of the event file just
+        # before the question: while no other request was made, the VMM lives and the file
+        # has not grown, nothing has changed.
+        self._known: tuple[VmState, int, int] | None = None
+        self._requests = 0
+        self._events_fd: int | None = None
 
     @property
     def instance_id(self) -> str:
@@ -199,13 +205,32 @@ class ChVmm:
             self.backend.settings.request_timeout,
             self._transport_error,
         )
+        if self._events_fd is None:
+            # The VMM made the file before its socket came up; without it every state is asked.
+            with contextlib.suppress(OSError):
+                self._events_fd = os.open(self.files.events, os.O_RDONLY | os.O_CLOEXEC)
 
     def api(self) -> ChClient:
+        # Anything asked of the VMM may change its state (or follow a change).
+        self._requests += 1
         if not self.process.alive():
             raise self._died()
         if self._client is None:
             raise VmmProtocolError(self.instance_id, "not connected to the API socket")
         return self._client
+
+    def known_state(self) -> VmState | None:
+        # v53 writes an event for every change of state (boot, pause, resume, shutdown, the
+        # guest's own power-off and reboot, delete, restore), so an event file that has not
+        # grown since the last answer means that answer still holds. fstat on a held fd and a
+        # pidfd poll: no path lookup, nothing that waits on a device.
+        known, fd = self._known, self._events_fd
+        if known is None or fd is None or not self.process.alive():
+            return None
+        state, asked, mark = known
+        if asked != self._requests or os.fstat(fd).st_size != mark:
+            return None
+        return state
 
     async def check_version(self) -> None:
         answer = await self.api().get("vmm.ping")
@@ -241,16 +266,26 @@ class ChVmm:
             raise
 
     async def state(self) -> VmState:
+        # The mark is taken before asking: an event written meanwhile makes the answer
+        # look stale (one more question), never a stale answer look current.
+        mark = os.fstat(self._events_fd).st_size if self._events_fd is not None else None
+        api = self.api()
+        asked = self._requests
         try:
-            info = await self.api().get("vm.info")
+            info = await api.get("vm.info")
         except WrongState as exc:
             if exc.status == 404:
-                return VmState.NOT_CREATED
+                return self._remember(VmState.NOT_CREATED, asked, mark)
             raise
         state = info.get("state") if isinstance(info, dict) else None
         if state not in _STATES:
             raise VmmProtocolError(self.instance_id, f"vm.info has an unknown state {state!r}")
-        return _STATES[state]
+        return self._remember(_STATES[state], asked, mark)
+
+    def _remember(self, state: VmState, asked: int, mark: int | None) -> VmState:
+        if mark is not None:
+            self._known = (state, asked, mark)
+        return state
 
     async def pause(self) -> None:
         await self.api().put("vm.pause")
@@ -334,6 +369,11 @@ class ChVmm:
         self.files.remove_runtime()
 
     async def close(self) -> None:
+        self._known = None
+        if self._events_fd is not None:
+            os.close(self._events_fd)
+            self._events_fd = None
+        self.process.release()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

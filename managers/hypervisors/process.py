@@ -3,13 +3,17 @@
 VMMs run in their own session (and so their own process group) so a dataplane restart or a
 Ctrl-C on the dataplane's terminal does not reach them. A pid alone is not an identity: it is
 paired with the process's start time from ``/proc/<pid>/stat`` so a recycled pid is never
-mistaken for our VMM.
+mistaken for our VMM. Once that identity is checked the process is held by a pidfd, which turns
+readable the moment it ends: asking whether a VMM is alive is then one ``poll`` (no ``/proc``
+read), and waiting for its end is an await on the event loop (no polling), for an adopted VMM
+as much as for a child.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -43,6 +47,9 @@ class VmmProcess:
         self.pid = pid
         self.start_time = start_time
         self._child = child
+        self._pidfd: int | None = None
+        self._poller: select.poll | None = None
+        self._gone = False
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], files: VmmFiles, instance_id: str) -> VmmProcess:
@@ -66,9 +73,43 @@ class VmmProcess:
         return cls(child.pid, start if start is not None else 0, child)
 
     def alive(self) -> bool:
-        if self._child is not None and self._child.returncode is not None:
+        if self._gone:
             return False
-        return proc_start_time(self.pid) == self.start_time
+        if self._child is not None and self._child.returncode is not None:
+            return self._ended()
+        if self._poller is None:
+            return self._hold()
+        return not self._poller.poll(0) or self._ended()
+
+    def _hold(self) -> bool:
+        """First look: check the identity, then pin the process with a pidfd."""
+        if proc_start_time(self.pid) != self.start_time:
+            return self._ended()
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return self._ended()
+        # The pid may have been recycled between the check and the open; the fd now pins
+        # whichever process it is, so checking again settles it.
+        if proc_start_time(self.pid) != self.start_time:
+            os.close(fd)
+            return self._ended()
+        self._pidfd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        return True
+
+    def _ended(self) -> bool:
+        self._gone = True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        """Let go of the pidfd (the process itself is untouched)."""
+        self._poller = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @property
     def exit_code(self) -> int | None:
@@ -79,12 +120,14 @@ class VmmProcess:
         with anyio.move_on_after(seconds):
             if self._child is not None:
                 await self._child.wait()
+                self._ended()
                 return True
-            delay = 0.01
-            while self.alive():
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-            return True
+            while self.alive() and self._pidfd is not None:
+                try:
+                    await anyio.wait_readable(self._pidfd)
+                except (anyio.BusyResourceError, anyio.ClosedResourceError):
+                    # Another task waits on the same fd, or let go of it: look again soon.
+                    await anyio.sleep(0.01)
         return not self.alive()
 
     def signal_group(self, sig: signal.Signals) -> None:
@@ -108,6 +151,7 @@ class VmmProcess:
         await self.wait_exit(5.0)
 
     async def aclose(self) -> None:
+        self.release()
         if self._child is not None:
             await self._child.aclose()
 

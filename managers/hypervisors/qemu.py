@@ -148,6 +148,10 @@ class QemuVmm:
         # QEMU cannot power a guest off without ending; a forced shutdown stops the vCPUs
         # and remembers that the guest is to be seen as off.
         self.forced_off = False
+        # The last state read and the command count when it was read: it holds while no
+        # other command was sent since and QMP stays quiet (see QmpClient.quiet).
+        self._known: tuple[VmState, int] | None = None
+        self._commands = 0
 
     @property
     def instance_id(self) -> str:
@@ -225,10 +229,18 @@ class QemuVmm:
     async def state(self) -> VmState:
         if self.process is None:
             return VmState.NOT_CREATED
+        asked = self._commands + 1  # _status sends exactly one command
         status = await self._status()
-        if self.forced_off:
-            return VmState.SHUTDOWN
-        return _STATUS.get(status, VmState.PAUSED)
+        state = VmState.SHUTDOWN if self.forced_off else _STATUS.get(status, VmState.PAUSED)
+        self._known = (state, asked)
+        return state
+
+    def known_state(self) -> VmState | None:
+        known, qmp, process = self._known, self.qmp, self.process
+        if known is None or qmp is None or process is None or not process.alive():
+            return None
+        state, asked = known
+        return state if asked == self._commands and qmp.quiet() else None
 
     async def pause(self) -> None:
         await self._require(VmState.RUNNING, "pause")
@@ -380,6 +392,9 @@ class QemuVmm:
         await self._discard()
 
     async def close(self) -> None:
+        self._known = None
+        if self.process is not None:
+            self.process.release()
         if self.qmp is not None:
             await self.qmp.aclose()
             self.qmp = None
@@ -437,6 +452,8 @@ class QemuVmm:
             raise self._died() from exc
 
     async def _exec(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        # Anything asked of QEMU may change its state (or follow a change).
+        self._commands += 1
         qmp = self._client()
         return await self._call(qmp.execute(command, arguments))
 

@@ -1,25 +1,28 @@
 """A small async QMP client (QEMU Machine Protocol) over a Unix socket.
 
 QMP is one JSON object per line. Commands are answered in order; asynchronous events may arrive
-between them, so every event read is kept for :meth:`QmpClient.wait_event`. One command is in
-flight at a time (QEMU serialises them anyway).
+between them, so every event read is kept (the most recent few hundred) for
+:meth:`QmpClient.wait_event`. One command is in flight at a time (QEMU serialises them anyway).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import select
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .errors import OperationTimeout, VmmProtocolError, VmmRequestFailed
 
 _MAX_LINE = 16 * 1024 * 1024
+# Events nobody waits for (RTC changes, a pause and resume long past) are dropped beyond this.
+_KEPT_EVENTS = 256
 
 
 class QmpConnectionLost(VmmProtocolError):
@@ -35,6 +38,8 @@ class QmpClient:
         self._ids = itertools.count(1)
         self._events: list[dict[str, Any]] = []
         self.greeting = greeting
+        self._poller = select.poll()
+        self._poller.register(stream.extra(SocketAttribute.raw_socket).fileno(), select.POLLIN)
 
     @classmethod
     async def connect(cls, instance_id: str, path: Path, seconds: float) -> QmpClient:
@@ -72,7 +77,7 @@ class QmpClient:
                 while True:
                     reply = await self._read()
                     if "event" in reply:
-                        self._events.append(reply)
+                        self._keep(reply)
                         continue
                     if reply.get("id") != message["id"]:
                         raise VmmProtocolError(
@@ -106,13 +111,24 @@ class QmpClient:
                                 return event
                         reply = await self._read()
                         if "event" in reply:
-                            self._events.append(reply)
+                            self._keep(reply)
             except TimeoutError as exc:
                 raise OperationTimeout(
                     self.instance_id, f"QEMU sent no {name} event within {seconds:g} s"
                 ) from exc
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise QmpConnectionLost(self.instance_id, f"QMP connection lost: {exc!r}") from exc
+
+    def quiet(self) -> bool:
+        """True when QEMU has said nothing since the last exchange: no command in flight and
+        no event waiting, buffered or on the socket. QEMU announces every change of run state
+        with an event, so a quiet connection means the last answer still holds."""
+        return not (self._lock.locked() or self._reader.buffer or self._poller.poll(0))
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        if len(self._events) > _KEPT_EVENTS:
+            del self._events[0]
 
     def forget_events(self, name: str) -> None:
         self._events = [event for event in self._events if event.get("event") != name]

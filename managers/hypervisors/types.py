@@ -56,7 +56,7 @@ class DiskSpec:
 
     def problems(self) -> list[str]:
         found = []
-        if not _ID_RE.match(self.id):
+        if not _ID_RE.fullmatch(self.id):
             found.append(f"disk id {self.id!r} must match {_ID_RE.pattern}")
         if not self.path.is_absolute():
             found.append(f"disk {self.id!r}: path {str(self.path)!r} must be absolute")
@@ -96,11 +96,11 @@ class NetSpec:
 
     def problems(self) -> list[str]:
         found = []
-        if not _TAP_RE.match(self.tap):
+        if not _TAP_RE.fullmatch(self.tap):
             found.append(f"TAP name {self.tap!r} is not a valid interface name")
-        if not _MAC_RE.match(self.mac):
+        if not _MAC_RE.fullmatch(self.mac):
             found.append(f"MAC {self.mac!r} must be six lower-case hex pairs joined by ':'")
-        if not _ID_RE.match(self.id):
+        if not _ID_RE.fullmatch(self.id):
             found.append(f"net id {self.id!r} must match {_ID_RE.pattern}")
         return found
 

@@ -72,7 +72,7 @@ class SegmentedLog:
         except FileNotFoundError:
             return []
         for entry in entries:
-            match = _SEGMENT.match(entry.name)
+            match = _SEGMENT.fullmatch(entry.name)
             if match and match["source"] == self.source:
                 found.append(_Segment(int(match["start"]), Path(entry.path)))
         found.sort(key=lambda s: s.start)

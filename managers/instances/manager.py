@@ -770,6 +770,9 @@ class InstanceManager:
             if self._paths.instance_standby(instance_id).is_dir():
                 return S.STANDBY
             return S.STOPPED if record.get("booted") else S.CREATED
+        vm_state = vmm.known_state()
+        if vm_state is not None:
+            return self._from_vm_state(vm_state, live)
         try:
             vm_state = await vmm.state()
         except (VmmNotFound, VmmDied):
@@ -779,6 +782,9 @@ class InstanceManager:
         except HypervisorError as error:
             log.warning("VMM does not answer: %s", error, extra={"instance_id": instance_id})
             return S.UNKNOWN
+        return self._from_vm_state(vm_state, live)
+
+    def _from_vm_state(self, vm_state: VmState, live: _Live) -> InstanceState:
         if vm_state is VmState.PAUSED:
             return S.PAUSED
         if vm_state is VmState.SHUTDOWN:

@@ -47,7 +47,7 @@ class CreateRequest:
     def check(self) -> None:
         """Reject what no VM could be made of, before anything is touched."""
         problems: list[str] = []
-        if len(self.name) > 63 or not NAME_RE.match(self.name):
+        if len(self.name) > 63 or not NAME_RE.fullmatch(self.name):
             problems.append(
                 "name must be 1-63 lower-case letters, digits or '-', "
                 "starting and ending with a letter or digit"
@@ -61,7 +61,7 @@ class CreateRequest:
         if not 16 <= self.overlay_size_mb <= 1048576:
             problems.append("overlay_size_mb must be from 16 to 1048576")
         for key, value in self.env.items():
-            if not _ENV_KEY.match(key):
+            if not _ENV_KEY.fullmatch(key):
                 problems.append(f"env name {key!r} is not a valid variable name")
             if "\0" in value:
                 problems.append(f"env {key} contains a NUL byte")

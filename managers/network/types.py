@@ -45,7 +45,7 @@ class NetworkSettings:
     isolation: bool = True
 
     def __post_init__(self) -> None:
-        if not _IFNAME.match(self.bridge_name):
+        if not _IFNAME.fullmatch(self.bridge_name):
             raise NetworkConfigError(
                 f"BRIDGE_NAME {self.bridge_name!r} is not a valid interface name "
                 f"(1-{IFNAME_MAX} of letters, digits, '_', '.', '-')"
@@ -101,7 +101,7 @@ class Allocation:
             raise InvalidAllocation(
                 f"allocation address {address_text!r} must be IPv4 with a prefix length"
             )
-        if not _MAC.match(mac):
+        if not _MAC.fullmatch(mac):
             raise InvalidAllocation(f"allocation MAC {mac!r} is not of the form aa:bb:cc:dd:ee:ff")
         return cls(address=address, mac=mac)
 

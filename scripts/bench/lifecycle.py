@@ -471,8 +471,8 @@ class Bench:
             print(f"{op:<10}{len(values):>5}{p50:10.2f}{p99:10.2f}  {target}")
         print(
             f"reference: one vm.info round trip straight to the simulator's socket, p50 "
-            f"{percentile(vmm_round_trip, 0.5) * 1e3:.2f} ms (get makes 1, pause/resume 1, "
-            f"list 1 per instance)"
+            f"{percentile(vmm_round_trip, 0.5) * 1e3:.2f} ms (pause and resume make 1; get and "
+            f"list make 1 per instance changed since it was last read, here the one paused)"
         )
 
 

@@ -22,8 +22,8 @@ from managers.hypervisors import (
     VmState,
     open_backend,
 )
-from managers.hypervisors.ch_events import parse_events
 from managers.hypervisors.cloud_hypervisor import ChVmm, parse_major
+from tests.support.ch_events import parse_events
 from tests.support.hypervisor_guest import GuestKit, test_guest
 from tests.support.hypervisor_harness import Harness, harness_for, make_disk
 

@@ -7,11 +7,14 @@ Cloud Hypervisor where the binary and a usable KVM exist.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import pytest
 
 from managers.hypervisors import (
@@ -91,6 +94,64 @@ async def test_full_lifecycle(harness: Harness, tmp_path: Path) -> None:
     await vmm.stop()
     _gone(pid, workdir)
     await vmm.stop()  # idempotent
+
+
+async def polled_until(condition: Callable[[], bool], seconds: float) -> None:
+    """Look at a synchronous answer until it holds: known_state() wakes no one when it lapses,
+    and that it lapses without any request being made is what these tests show."""
+    with anyio.fail_after(seconds):
+        for _ in itertools.count():
+            if condition():
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_known_state_holds_only_while_nothing_can_have_changed(
+    harness: Harness, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "vm"
+    vmm = harness.track(await harness.backend().start_vmm(ID, workdir))
+    spec = harness.spec(workdir)
+    await vmm.create_and_boot(spec)
+    assert vmm.known_state() is None  # never asked
+    await harness.wait_serial(spec.serial_file, harness.up_marker)
+    assert await vmm.state() is VmState.RUNNING
+    assert vmm.known_state() is VmState.RUNNING
+    assert vmm.known_state() is VmState.RUNNING  # looking does not use it up
+
+    await vmm.pause()
+    assert vmm.known_state() is None  # every request may change the state
+    assert await vmm.state() is VmState.PAUSED
+    assert vmm.known_state() is VmState.PAUSED
+    await vmm.resume()
+    assert vmm.known_state() is None
+    assert await vmm.state() is VmState.RUNNING
+
+    # The VMM ends without a word to us: noticed by its pidfd, not by asking.
+    os.kill(vmm.pid, signal.SIGKILL)
+    await polled_until(lambda: vmm.known_state() is None, seconds=10)
+    with pytest.raises(VmmDied, match=ID):
+        await vmm.state()
+    await vmm.stop()
+
+
+async def test_a_change_the_guest_makes_ends_the_known_state(
+    harness: Harness, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "vm"
+    vmm = harness.track(await harness.backend().start_vmm(ID, workdir))
+    spec = harness.spec(workdir)
+    spec = replace(spec, cmdline=f"{spec.cmdline} poweroff_after=1")
+    await vmm.create_and_boot(spec)
+    await harness.wait_serial(spec.serial_file, harness.up_marker)
+    assert await vmm.state() is VmState.RUNNING
+    assert vmm.known_state() is VmState.RUNNING
+    # The guest powers itself off a second after it came up; nothing is asked of the VMM
+    # here, so only its own report (Cloud Hypervisor's event file, a QMP event) can tell.
+    await polled_until(lambda: vmm.known_state() is not VmState.RUNNING, seconds=60)
+    assert vmm.known_state() is None
+    assert await vmm.state() is VmState.SHUTDOWN
+    assert vmm.known_state() is VmState.SHUTDOWN
 
 
 async def test_wrong_state_calls(harness: Harness, tmp_path: Path) -> None:

@@ -210,6 +210,9 @@ def test_bad_requests_change_nothing(world: World) -> None:
         ),
         ({"name": "x", "image": world.image, "vcpus": 0}, 400, "invalid_request"),
         ({"name": "x", "image": world.image, "surprise": True}, 400, "invalid_request"),
+        # A pattern's `$` ends the string (JSON Schema's regexes), not a final newline.
+        ({"name": "web\n", "image": world.image}, 400, "invalid_request"),
+        ({"name": "x", "image": world.image, "env": {"PATH\n": "/bin"}}, 400, "invalid_request"),
     ]
     for body, status, code in cases:
         response = world.client.post("/instances", json=body)

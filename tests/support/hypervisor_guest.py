@@ -2,7 +2,9 @@
 
 The init prints ``HYPERVISOR-TEST-GUEST: up``, then a numbered tick every second (so a restored
 guest visibly keeps running), and powers off when the ACPI power button is pressed (busybox has
-no acpid wiring by default, so it blocks on the button's evdev node). It needs no disks.
+no acpid wiring by default, so it blocks on the button's evdev node), or by itself ``N`` seconds
+after it starts when the command line has ``poweroff_after=N`` (a change no request made). It
+needs no disks.
 
 The kernel is the one ``make setup`` builds (``tests.support.artifacts``: Debian's
 ``linux-image-cloud-amd64``); the initrd is this module's, since the conformance suite needs no
@@ -41,6 +43,12 @@ for d in /sys/class/input/event*; do
     ( dd if="/dev/input/${d##*/}" of=/dev/null bs=24 count=1 2>/dev/null
       echo "HYPERVISOR-TEST-GUEST: power button"; poweroff -f ) &
   fi
+done
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    poweroff_after=*) ( sleep "${arg#*=}"; echo "HYPERVISOR-TEST-GUEST: powering off"
+                        poweroff -f ) & ;;
+  esac
 done
 echo "HYPERVISOR-TEST-GUEST: up"
 i=0

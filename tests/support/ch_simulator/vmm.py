@@ -153,8 +153,14 @@ class SimulatedVmm:
                 )
         self.event("vm", "booting")
         self.vm_state = "Running"
-        self.serial_line(f"booted {kernel} cmdline={config['payload'].get('cmdline', '')!r}")
+        cmdline = str(config["payload"].get("cmdline", ""))
+        self.serial_line(f"booted {kernel} cmdline={cmdline!r}")
         self.event("vm", "booted")
+        # The test guest's own power-off timer (tests/support/hypervisor_guest.py).
+        for arg in cmdline.split():
+            if arg.startswith("poweroff_after="):
+                delay = float(arg.partition("=")[2])
+                asyncio.get_running_loop().call_later(delay, self._guest_power_off)
         return 204, None
 
     def do_vm_info(self, _body: None) -> Answer:
