@@ -19,6 +19,9 @@ from dataplane.settings import Settings, SettingsError
 log = logging.getLogger("dataplane")
 
 
+OPEN_FILES_CAP = 1 << 20
+
+
 def raise_open_file_limit() -> int:
     """Lift the soft limit on open files to the hard one; returns the new soft limit.
 
@@ -27,8 +30,9 @@ def raise_open_file_limit() -> int:
     with a soft limit of 1024, which would cap a node at a few hundred instances.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    # VMMs inherit it; some hosts' hard limit is about 2**30, more than anything needs.
+    target = min(hard, OPEN_FILES_CAP) if hard != resource.RLIM_INFINITY else OPEN_FILES_CAP
+    if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target

@@ -30,6 +30,7 @@ from .errors import (
     WrongState,
     wrong_state,
 )
+from .known import KnownState
 from .layout import VmmFiles
 from .process import VmmProcess, binary_version, wait_for_socket
 from .snapshot_files import check_destination, check_snapshot_dir
@@ -183,10 +184,10 @@ class ChVmm:
         self._instance_id = instance_id
         self._client: ChClient | None = None
         self.version = ""
-        # The last state read, with the request count and the size of the event file just
-        # before the question: while no other request was made, the VMM lives and the file
-        # has not grown, nothing has changed.
-        self._known: tuple[VmState, int, int] | None = None
+        # The last state read, marked with the size of the event file just before the
+        # question: while no other request was made, the VMM lives and the file has not
+        # grown, nothing has changed.
+        self._known: KnownState | None = None
         self._requests = 0
         self._events_fd: int | None = None
 
@@ -227,10 +228,7 @@ class ChVmm:
         known, fd = self._known, self._events_fd
         if known is None or fd is None or not self.process.alive():
             return None
-        state, asked, mark = known
-        if asked != self._requests or os.fstat(fd).st_size != mark:
-            return None
-        return state
+        return known.state if known.holds(self._requests, os.fstat(fd).st_size) else None
 
     async def check_version(self) -> None:
         answer = await self.api().get("vmm.ping")
@@ -254,15 +252,14 @@ class ChVmm:
         problems = spec.problems()
         if problems:
             raise InvalidRequest(self.instance_id, "invalid VM spec: " + "; ".join(problems))
-        api = self.api()
-        await api.put("vm.create", vm_config(spec))
+        await self.api().put("vm.create", vm_config(spec))
         try:
-            await api.put("vm.boot")
+            await self.api().put("vm.boot")
         except BaseException:
             # Leave the VMM as fresh as it was: a created-but-unbootable VM helps nobody.
             with anyio.CancelScope(shield=True):
                 with contextlib.suppress(HypervisorError):
-                    await api.put("vm.delete")
+                    await self.api().put("vm.delete")
             raise
 
     async def state(self) -> VmState:
@@ -284,7 +281,7 @@ class ChVmm:
 
     def _remember(self, state: VmState, asked: int, mark: int | None) -> VmState:
         if mark is not None:
-            self._known = (state, asked, mark)
+            self._known = KnownState(state, asked, mark)
         return state
 
     async def pause(self) -> None:

@@ -11,6 +11,7 @@ as much as for a child.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -89,6 +90,10 @@ class VmmProcess:
             fd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             return self._ended()
+        except OSError:
+            # No pidfd (an old kernel, a seccomp filter, no descriptor left): the identity
+            # just checked answers, and the next look checks it again.
+            return True
         # The pid may have been recycled between the check and the open; the fd now pins
         # whichever process it is, so checking again settles it.
         if proc_start_time(self.pid) != self.start_time:
@@ -107,9 +112,13 @@ class VmmProcess:
     def release(self) -> None:
         """Let go of the pidfd (the process itself is untouched)."""
         self._poller = None
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            # A task waiting on the fd is woken (ClosedResourceError) rather than left
+            # waiting on a number the next open may reuse.
+            with contextlib.suppress(Exception):
+                anyio.notify_closing(fd)
+            os.close(fd)
 
     @property
     def exit_code(self) -> int | None:
@@ -122,12 +131,17 @@ class VmmProcess:
                 await self._child.wait()
                 self._ended()
                 return True
-            while self.alive() and self._pidfd is not None:
+            while self.alive():
+                fd = self._pidfd
+                if fd is None:
+                    await anyio.sleep(0.01)  # no pidfd on this host: look again soon
+                    continue
                 try:
-                    await anyio.wait_readable(self._pidfd)
+                    await anyio.wait_readable(fd)
                 except (anyio.BusyResourceError, anyio.ClosedResourceError):
                     # Another task waits on the same fd, or let go of it: look again soon.
                     await anyio.sleep(0.01)
+            return True
         return not self.alive()
 
     def signal_group(self, sig: signal.Signals) -> None:
@@ -225,8 +239,11 @@ async def terminate_recorded(workdir: Path) -> bool:
     ended = False
     if record is not None and "pid" in record and "start_time" in record:
         process = VmmProcess(int(record["pid"]), int(record["start_time"]))
-        if process.alive():
-            await process.terminate()
-            ended = True
+        try:
+            if process.alive():
+                await process.terminate()
+                ended = True
+        finally:
+            process.release()
     files.remove_runtime()
     return ended

@@ -31,6 +31,7 @@ from .errors import (
     WrongState,
     wrong_state,
 )
+from .known import KnownState
 from .layout import VmmFiles
 from .process import VmmProcess, binary_version, wait_for_socket
 from .qemu_argv import MAX_DIMMS, QemuLayout, blockdev_args, build_argv, disk_device_args
@@ -125,13 +126,14 @@ class QemuBackend:
             files.remove_runtime()
             raise VmmNotFound(instance_id, f"QEMU (pid {process.pid}) is no longer running")
         vmm = QemuVmm(self, instance_id, files)
-        vmm.adopt(process, QemuLayout.from_json(record["layout"]), record)
         try:
+            vmm.adopt(process, QemuLayout.from_json(record["layout"]), record)
             vmm.qmp = await QmpClient.connect(
                 instance_id, files.socket, self.settings.start_timeout
             )
-        except HypervisorError:
+        except BaseException:
             vmm.qmp = None
+            process.release()
             raise
         return vmm
 
@@ -148,9 +150,9 @@ class QemuVmm:
         # QEMU cannot power a guest off without ending; a forced shutdown stops the vCPUs
         # and remembers that the guest is to be seen as off.
         self.forced_off = False
-        # The last state read and the command count when it was read: it holds while no
-        # other command was sent since and QMP stays quiet (see QmpClient.quiet).
-        self._known: tuple[VmState, int] | None = None
+        # The last state read; it holds while no other command was sent since and QMP stays
+        # quiet (see QmpClient.quiet): QEMU announces every run-state change as an event.
+        self._known: KnownState | None = None
         self._commands = 0
 
     @property
@@ -232,15 +234,17 @@ class QemuVmm:
         asked = self._commands + 1  # _status sends exactly one command
         status = await self._status()
         state = VmState.SHUTDOWN if self.forced_off else _STATUS.get(status, VmState.PAUSED)
-        self._known = (state, asked)
+        self._known = KnownState(state, asked)
         return state
 
     def known_state(self) -> VmState | None:
         known, qmp, process = self._known, self.qmp, self.process
         if known is None or qmp is None or process is None or not process.alive():
             return None
-        state, asked = known
-        return state if asked == self._commands and qmp.quiet() else None
+        if not known.holds(self._commands) or not qmp.quiet():
+            return None
+        # A forced power-off of a paused VM sends QEMU no command of its own.
+        return VmState.SHUTDOWN if self.forced_off else known.state
 
     async def pause(self) -> None:
         await self._require(VmState.RUNNING, "pause")

@@ -803,7 +803,11 @@ class InstanceManager:
 
     async def _view(self, record: dict[str, Any]) -> Instance:
         live = self._live_for(record["id"])
-        if live.lock.locked():
+        known = live.vmm.known_state() if live.vmm is not None else None
+        if known is not None:
+            # Nothing to ask and nothing to clean up: no need for the lock.
+            state = self._from_vm_state(known, live)
+        elif live.lock.locked():
             # An action is under way; report without waiting for it or touching anything.
             state = await self._state(record, live, owner=False)
         else:

@@ -5,12 +5,18 @@ sends the same sequential keep-alive requests to each, interleaved in rounds so
 that machine noise hits both alike, and prints requests/s, p50 and p99 latency,
 the on/off ratio, and the validation cost per request at p50 (target < 1 ms).
 
+Then, in this process, the response check of a ``GET /instances`` body of 20 and
+of 200 instances: the contract as served (jsonschema-rs first) against the same
+contract with every schema left to jsonschema (``Contract(fast=False)``), and the
+ratio.
+
     .venv/bin/python scripts/bench/api.py [--requests N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +27,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from openapi_core.datatypes import RequestParameters
+
+from dataplane.contract import Contract, _HeaderDict, _MultiDict, _Request, _Response
+from dataplane.spec import Spec
 from tests.support.server import run_server
 
 ENDPOINTS = ("/health", "/spec.json")
@@ -35,6 +45,52 @@ def measure(client: httpx.Client, path: str, count: int) -> list[float]:
         if response.status_code != 200:
             raise SystemExit(f"{path} answered {response.status_code}: {response.text[:200]}")
     return samples
+
+
+INSTANCE = {
+    "id": "0123456789ab",
+    "name": "web-0",
+    "state": "Running",
+    "image": "registry.example:5000/team/web:1.4",
+    "image_digest": "sha256:" + "ab" * 32,
+    "hypervisor": "cloud-hypervisor",
+    "vcpus": 2,
+    "memory_mb": 512,
+    "memory_max_mb": 1024,
+    "overlay_size_mb": 1024,
+    "env": {"PORT": "8080", "MODE": "production"},
+    "entrypoint": None,
+    "cmd": ["/app/web", "--port", "8080"],
+    "workdir": "/app",
+    "network": {"enabled": True, "ip": "10.100.0.7", "mac": "02:00:0a:64:00:07", "gateway": None},
+    "created_at": "2026-11-23T10:00:00.000Z",
+    "program_started_at": "2026-11-23T10:00:01.250Z",
+    "exit_code": None,
+    "error": None,
+    "pid": 4242,
+}
+
+
+def list_check_ms(contract: Contract, count: int, rounds: int = 60) -> float:
+    """Median time to check one GET /instances answer of ``count`` instances."""
+    body = json.dumps([dict(INSTANCE, name=f"web-{n}") for n in range(count)]).encode()
+    request = _Request(
+        method="get",
+        path="/instances",
+        path_pattern="/instances",
+        parameters=RequestParameters(query=_MultiDict(), header=_HeaderDict(), cookie={}, path={}),
+        content_type="",
+        body=None,
+    )
+    response = _Response(200, "application/json", _HeaderDict(), body)
+    if contract.response_errors(request, response):
+        raise SystemExit("the benchmark's instance list does not match the spec")
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        contract.response_errors(request, response)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -93,6 +149,14 @@ def main() -> int:
             f"{path:<12} validation on/off p50 ratio {ratio:.2f}; "
             f"cost {cost_ms:.3f} ms per request (target < 1 ms: {verdict})"
         )
+
+    spec = Spec.load()
+    served, reference = Contract(spec), Contract(spec, fast=False)
+    print("\nresponse check of GET /instances, in process (median of 60)")
+    print(f"{'instances':>9} {'jsonschema ms':>14} {'served ms':>10} {'ratio':>7}")
+    for count in (20, 200):
+        slow, fast = list_check_ms(reference, count), list_check_ms(served, count)
+        print(f"{count:>9} {slow:14.3f} {fast:10.3f} {fast / slow:7.3f}")
     return 1 if failed else 0
 
 

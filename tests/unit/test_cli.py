@@ -6,6 +6,8 @@ import resource
 import subprocess
 import sys
 
+from dataplane.cli import OPEN_FILES_CAP
+
 PROBE = """
 import resource
 from dataplane.cli import raise_open_file_limit
@@ -21,5 +23,5 @@ def test_the_open_file_limit_is_lifted_to_the_hard_limit() -> None:
         [sys.executable, "-c", PROBE], check=True, capture_output=True, text=True
     ).stdout.split()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    expected = OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_CAP)
     assert [int(x) for x in out] == [expected, expected]
