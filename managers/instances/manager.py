@@ -56,7 +56,7 @@ from managers.instances.errors import (
     WrongInstanceState,
 )
 from managers.instances.logs import LogLine, SegmentedLog
-from managers.instances.pump import LogPump, now_iso
+from managers.instances.pump import LogPump, PumpSet, now_iso
 from managers.instances.store import InstanceStore
 from managers.instances.types import (
     LOG_SOURCES,
@@ -100,8 +100,6 @@ class _Live:
     lock: anyio.Lock
     pump: LogPump
     vmm: Vmm | None = None
-    pump_scope: anyio.CancelScope | None = None
-    pump_done: anyio.Event | None = None
     # A VMM that runs but could not be attached to at start-up (it hangs, or speaks a
     # version we refuse): the instance reads Unknown and stop/delete end it by its record.
     unreachable: str | None = None
@@ -132,6 +130,7 @@ class InstanceManager:
         self._create_lock = anyio.Lock()
         self._network_lock = anyio.Lock()
         self._network_started = False
+        self._pumps = PumpSet()
         self._tg: TaskGroup | None = None
         self._exit_stack = contextlib.AsyncExitStack()
 
@@ -139,6 +138,7 @@ class InstanceManager:
     async def start(self) -> None:
         """Load every instance, clean what a crash left half-made, re-adopt running VMMs."""
         self._tg = await self._exit_stack.enter_async_context(anyio.create_task_group())
+        self._tg.start_soon(self._pumps.run)
         for instance_id in await anyio.to_thread.run_sync(self._store.half_made):
             log.warning(
                 "removing half-made instance %s", instance_id, extra={"instance_id": instance_id}
@@ -210,8 +210,6 @@ class InstanceManager:
     async def close(self) -> None:
         """Stop following logs; VMMs keep running and are re-adopted by the next start."""
         for live in self._live.values():
-            if live.pump_scope is not None:
-                live.pump_scope.cancel()
             if live.vmm is not None:
                 with contextlib.suppress(Exception):
                     await live.vmm.close()
@@ -727,31 +725,11 @@ class InstanceManager:
         self._start_pump(instance_id)
 
     def _start_pump(self, instance_id: str) -> None:
-        live = self._live_for(instance_id)
-        if live.pump_scope is not None or self._tg is None:
-            return
-        scope = anyio.CancelScope()
-        done = anyio.Event()
-        live.pump_scope = scope
-        live.pump_done = done
-
-        async def run() -> None:
-            try:
-                with scope:
-                    await live.pump.run()
-            finally:
-                done.set()
-
-        self._tg.start_soon(run)
+        self._pumps.add(instance_id, self._live_for(instance_id).pump)
 
     async def _stop_pump(self, instance_id: str, live: _Live) -> None:
-        """Stop following and wait until the task has stopped, then copy what is left."""
-        if live.pump_scope is not None:
-            live.pump_scope.cancel()
-            live.pump_scope = None
-        if live.pump_done is not None:
-            await live.pump_done.wait()
-            live.pump_done = None
+        """Stop following once no drain runs, then copy what is left."""
+        await self._pumps.remove(instance_id)
         await anyio.to_thread.run_sync(live.pump.drain)
 
     async def _after_vmm_gone(self, record: dict[str, Any], live: _Live) -> None:
@@ -827,9 +805,7 @@ class InstanceManager:
         with contextlib.suppress(Exception):
             await terminate_recorded(self._paths.instance_dir(instance_id))
         live.unreachable = None
-        if live.pump_scope is not None:
-            live.pump_scope.cancel()
-            live.pump_scope = None
+        await self._pumps.remove(instance_id)
         if networked and self._network is not None:
             with contextlib.suppress(Exception):
                 await self._network.delete_tap(instance_id)

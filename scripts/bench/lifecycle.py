@@ -70,6 +70,7 @@ CREATE_RATIO = 1.15
 STANDBY_RATIO = 1.2
 RESTORE_EXTRA_MS = 50.0
 CHEAP_P50_MS = 5.0
+IDLE_SECONDS = 5.0
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -291,6 +292,7 @@ class Bench:
     memory_mb: int
     overlay_mb: int
     data_dir: Path
+    server_pid: int
     failed: bool = False
     post_seconds: list[float] = field(default_factory=list)
 
@@ -457,6 +459,7 @@ class Bench:
             vmm_round_trip = simulator_round_trip(
                 Paths(self.data_dir).instance_api_socket(first), cheap
             )
+            idle_cpu = cpu_share(self.server_pid, IDLE_SECONDS)
         finally:
             for instance_id in ids:
                 client.delete(f"/instances/{instance_id}")
@@ -474,6 +477,22 @@ class Bench:
             f"{percentile(vmm_round_trip, 0.5) * 1e3:.2f} ms (pause and resume make 1; get and "
             f"list make 1 per instance changed since it was last read, here the one paused)"
         )
+        print(
+            f"dataplane CPU while the {heavy} instances sit idle ({IDLE_SECONDS:.0f} s; their "
+            f"logs followed): {idle_cpu * 100:.1f}% of one core"
+        )
+
+
+def cpu_share(pid: int, seconds: float) -> float:
+    """The share of one core process ``pid`` used over ``seconds`` (from /proc)."""
+
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(seconds)
+    return (used() - before) / seconds
 
 
 def simulator_round_trip(api_socket: Path, count: int) -> list[float]:
@@ -552,7 +571,17 @@ def world(tmp: Path, processes: Processes, memory_mb: int, overlay_mb: int) -> I
                     overlay_mb=overlay_mb,
                     workdir=tmp / "raw" / "none",
                 )
-                yield Bench(client, portal, processes, raw, image, memory_mb, overlay_mb, data_dir)
+                yield Bench(
+                    client,
+                    portal,
+                    processes,
+                    raw,
+                    image,
+                    memory_mb,
+                    overlay_mb,
+                    data_dir,
+                    server.process.pid,
+                )
             except BaseException:
                 tail = "\n".join(server.log().splitlines()[-40:])
                 print(f"the run failed; the server's log ends with:\n{tail}", file=sys.stderr)

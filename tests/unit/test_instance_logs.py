@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from managers.instances.logs import MAX_LINE, SegmentedLog
-from managers.instances.pump import LogPump
+from managers.instances.pump import LogPump, PumpSet
 
 
 def lines_text(lines: list) -> list[bytes]:  # type: ignore[type-arg]
@@ -139,3 +141,46 @@ def test_tail_zero_starts_after_the_last_complete_line(tmp_path: Path) -> None:
     log.append(b"done\npartial")
     assert log.tail(0) == ([], 5)
     assert [line.text for line in log.tail(1, final=True)[0]] == [b"partial"]
+
+
+@pytest.mark.anyio
+async def test_one_pump_set_follows_every_instance_until_each_is_removed(tmp_path: Path) -> None:
+    def pump_in(folder: Path) -> LogPump:
+        folder.mkdir()
+        return LogPump(
+            serial_raw=folder / "serial.raw",
+            vmm_raw=folder / "vmm.log",
+            app_log=SegmentedLog(folder / "logs", "app"),
+            vmm_log=SegmentedLog(folder / "logs", "vmm"),
+            state_file=folder / "pump.json",
+            status_file=folder / "guest.json",
+        )
+
+    def app_lines(folder: Path) -> list[bytes]:
+        return lines_text(SegmentedLog(folder / "logs", "app").read_lines(0)[0])
+
+    async def until(condition: Callable[[], bool]) -> None:
+        with anyio.fail_after(10):
+            while not condition():  # noqa: ASYNC110 - the pump set wakes nobody
+                await anyio.sleep(0.01)
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    pumps = PumpSet(poll_seconds=0.01, booting_poll_seconds=0.01)
+    pumps.add("one", pump_in(one))
+    pumps.add("two", pump_in(two))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pumps.run)
+        (one / "serial.raw").write_bytes(b"a1\n@@dataplane-guest@@ program-started\n")
+        (two / "serial.raw").write_bytes(b"b1\n")
+        await until(lambda: app_lines(one) == [b"a1", b"@@dataplane-guest@@ program-started"])
+        await until(lambda: app_lines(two) == [b"b1"])
+
+        await pumps.remove("one")
+        assert "one" not in pumps
+        with (one / "serial.raw").open("ab") as handle:
+            handle.write(b"a2\n")
+        with (two / "serial.raw").open("ab") as handle:
+            handle.write(b"b2\n")
+        await until(lambda: app_lines(two) == [b"b1", b"b2"])
+        assert app_lines(one) == [b"a1", b"@@dataplane-guest@@ program-started"]
+        tg.cancel_scope.cancel()
