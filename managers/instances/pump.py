@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -125,7 +125,7 @@ class LogPump:
         self._state_file = state_file
         self._status_file = status_file
         self._on_status = on_status
-        # The pump task, a reader catching up before it answers, and the manager
+        # The pump loop, a reader catching up before it answers, and the manager
         # between two boots all drain; one at a time, or bytes are copied twice.
         self._lock = threading.Lock()
         self.status = read_status(status_file)
@@ -158,12 +158,15 @@ class LogPump:
             write_json_atomic(self._status_file, self.status.to_dict())
             return self.status
 
-    def drain(self) -> bool:
-        """Copy everything new once; True when anything was copied. Thread-safe."""
-        with self._lock:
-            return self._drain()
+    def drain(self, *, whole: bool = True) -> bool:
+        """Copy what is new; True when anything was copied. Thread-safe.
 
-    def _drain(self) -> bool:
+        ``whole=False`` copies at most one chunk per file, so a guest that writes as
+        fast as it is copied cannot hold the caller (the next pass continues)."""
+        with self._lock:
+            return self._drain(whole)
+
+    def _drain(self, whole: bool) -> bool:
         moved = False
         while True:
             serial = self._serial.read_new()
@@ -173,6 +176,8 @@ class LogPump:
             if not serial and not vmm:
                 break
             moved = True
+            if not whole:
+                break
         if moved:
             self._save()
         return moved
@@ -202,72 +207,107 @@ class LogPump:
                 self._on_status(status)
 
 
+class Drainable(Protocol):
+    @property
+    def booting(self) -> bool: ...
+
+    def drain(self, *, whole: bool = True) -> bool: ...
+
+
 class PumpSet:
     """The pumps of every running instance, drained together in one worker thread.
 
-    A tick drains every pump (two ``stat`` calls each when nothing is new). Ticks
-    come every ``poll_seconds``; every ``booting_poll_seconds`` while some program
-    added in the last ``BOOT_WATCH_SECONDS`` has yet to start, since the moment its
-    marker is read is the moment its instance reads Running; and at once again when
-    a drain copied something, so a chatty guest is followed as fast as it writes.
+    Every pump is drained each ``poll_seconds`` (two ``stat`` calls when nothing is
+    new); in between, only those that need it: a pump that just copied something is
+    drained again at once (one chunk per pass, so a chatty guest holds no one up),
+    and one whose program, added in the last ``BOOT_WATCH_SECONDS``, has yet to
+    start every ``booting_poll_seconds``, since the moment its marker is read is the
+    moment its instance reads Running.
     """
 
     def __init__(self, poll_seconds: float = 0.1, booting_poll_seconds: float = 0.02) -> None:
         self._poll = poll_seconds
         self._booting_poll = booting_poll_seconds
-        # key -> (pump, until when its boot is watched closely)
-        self._pumps: dict[str, tuple[LogPump, float]] = {}
+        # key -> (pump, until when its boot is watched closely); changed under _guard,
+        # which the worker takes only to look a pump up, never while draining.
+        self._pumps: dict[str, tuple[Drainable, float]] = {}
+        self._guard = threading.Lock()
+        self._current: str | None = None
+        self._failing: set[str] = set()
         self._added = anyio.Event()
-        self._tick: tuple[frozenset[str], anyio.Event] | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._pumps
 
-    def add(self, key: str, pump: LogPump) -> None:
-        if key not in self._pumps:
+    def add(self, key: str, pump: Drainable) -> None:
+        with self._guard:
+            if key in self._pumps:
+                return
             self._pumps[key] = (pump, anyio.current_time() + BOOT_WATCH_SECONDS)
-            self._added.set()
+        self._added.set()
 
     async def remove(self, key: str) -> None:
-        """Stop draining ``key``; once this returns, no drain of it runs or will run."""
-        self._pumps.pop(key, None)
-        while (tick := self._tick) is not None and key in tick[0]:
-            await tick[1].wait()
+        """Stop draining ``key``; once this returns, no drain of it runs or will run.
+
+        Waits at most for that one pump's pass, never for the rest of a batch."""
+        with self._guard:
+            self._pumps.pop(key, None)
+        while self._current == key:  # noqa: ASYNC110 - set by the worker thread
+            await anyio.sleep(0.001)
 
     async def run(self) -> None:
-        """Drain until cancelled (a drain under way finishes first)."""
+        """Drain until cancelled (a pass under way finishes first)."""
+        hot: set[str] = set()
+        full_at = 0.0
         while True:
             if not self._pumps:
                 await self._added.wait()
                 self._added = anyio.Event()
-            batch = dict(self._pumps)
-            done = anyio.Event()
-            self._tick = (frozenset(batch), done)
-            try:
-                moved = await anyio.to_thread.run_sync(_drain_all, batch)
-            finally:
-                self._tick = None
-                done.set()
-            if moved:
+            now = anyio.current_time()
+            if now >= full_at:
+                keys = list(self._pumps)
+                full_at = now + self._poll
+            else:
+                keys = [k for k in self._pumps if k in hot or self._watched(k, now)]
+            hot = await anyio.to_thread.run_sync(self._drain, keys) if keys else set()
+            if hot:
                 await anyio.lowlevel.checkpoint()
                 continue
-            now = anyio.current_time()
-            booting = any(pump.booting and now < until for pump, until in batch.values())
-            with anyio.move_on_after(self._booting_poll if booting else self._poll):
+            wake = full_at
+            if any(self._watched(k, now) for k in self._pumps):
+                wake = min(wake, now + self._booting_poll)
+            with anyio.move_on_after(max(0.0, wake - anyio.current_time())):
                 await self._added.wait()
             self._added = anyio.Event()
 
+    def _watched(self, key: str, now: float) -> bool:
+        entry = self._pumps.get(key)
+        return entry is not None and now < entry[1] and entry[0].booting
 
-def _drain_all(batch: dict[str, tuple[LogPump, float]]) -> bool:
-    moved = False
-    for key, (pump, _) in batch.items():
-        # One instance's trouble (its folder removed under it, a full disk) must not
-        # keep the others' output from being copied.
-        try:
-            moved |= pump.drain()
-        except Exception:
-            log.exception("log pump failed", extra={"instance_id": key})
-    return moved
+    def _drain(self, keys: list[str]) -> set[str]:
+        """In the worker thread: one pass over ``keys``; the keys that copied something."""
+        moved: set[str] = set()
+        for key in keys:
+            with self._guard:
+                entry = self._pumps.get(key)
+                self._current = key if entry is not None else None
+            if entry is None:
+                continue  # removed since the batch was chosen
+            try:
+                if entry[0].drain(whole=False):
+                    moved.add(key)
+                if key in self._failing:
+                    self._failing.discard(key)
+                    log.info("log pump works again", extra={"instance_id": key})
+            except Exception:
+                # One instance's trouble (its folder gone, a full disk) must not keep the
+                # others' output from being copied, nor fill the log at every pass.
+                if key not in self._failing:
+                    self._failing.add(key)
+                    log.exception("log pump failed", extra={"instance_id": key})
+            finally:
+                self._current = None
+        return moved
 
 
 def read_status(path: Path) -> GuestStatus:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,3 +185,62 @@ async def test_one_pump_set_follows_every_instance_until_each_is_removed(tmp_pat
         await until(lambda: app_lines(two) == [b"b1", b"b2"])
         assert app_lines(one) == [b"a1", b"@@dataplane-guest@@ program-started"]
         tg.cancel_scope.cancel()
+
+
+class _StubPump:
+    """A pump whose drain can be held in the worker thread, or made to fail."""
+
+    booting = False
+
+    def __init__(self, *, hold: bool = False, fail: bool = False) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.fail = fail
+        self.drains = 0
+
+    def drain(self, *, whole: bool = True) -> bool:
+        self.drains += 1
+        self.entered.set()
+        self.release.wait(10)
+        if self.fail:
+            raise OSError("No space left on device")
+        return False
+
+
+@pytest.mark.anyio
+async def test_remove_waits_for_its_own_drain_only(caplog: pytest.LogCaptureFixture) -> None:
+    pumps = PumpSet(poll_seconds=0.005, booting_poll_seconds=0.005)
+    held, broken, steady = _StubPump(hold=True), _StubPump(fail=True), _StubPump()
+    pumps.add("held", held)
+    pumps.add("broken", broken)
+    pumps.add("steady", steady)
+    removed = anyio.Event()
+
+    async def remove_held() -> None:
+        await pumps.remove("held")
+        removed.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pumps.run)
+        await anyio.to_thread.run_sync(held.entered.wait, 10)
+        # Held up in the same batch, another pump's removal does not wait for it.
+        with anyio.fail_after(1):
+            await pumps.remove("steady")
+        tg.start_soon(remove_held)
+        await anyio.sleep(0.05)
+        assert not removed.is_set(), "returned while its drain was still running"
+        drains = held.drains
+        held.release.set()
+        with anyio.fail_after(5):
+            await removed.wait()
+        # The broken pump keeps failing; it is reported once, and passes go on.
+        before = broken.drains
+        with anyio.fail_after(5):
+            while broken.drains < before + 3:  # noqa: ASYNC110 - counted in the worker
+                await anyio.sleep(0.01)
+        assert held.drains == drains, "drained after its removal returned"
+        tg.cancel_scope.cancel()
+    failures = [r for r in caplog.records if r.getMessage() == "log pump failed"]
+    assert len(failures) == 1
