@@ -21,6 +21,7 @@ from managers.hypervisors import (
     DiskSpec,
     InvalidRequest,
     SpecChanges,
+    Vmm,
     VmmDied,
     VmmNotFound,
     VmState,
@@ -106,15 +107,22 @@ async def polled_until(condition: Callable[[], bool], seconds: float) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_known_state_holds_only_while_nothing_can_have_changed(
-    harness: Harness, tmp_path: Path
-) -> None:
+async def booted_and_up(harness: Harness, tmp_path: Path, cmdline: str = "") -> Vmm:
+    """A fresh VMM whose guest has come up, never asked for its state."""
     workdir = tmp_path / "vm"
     vmm = harness.track(await harness.backend().start_vmm(ID, workdir))
     spec = harness.spec(workdir)
+    spec = replace(spec, cmdline=f"{spec.cmdline} {cmdline}".strip())
     await vmm.create_and_boot(spec)
     assert vmm.known_state() is None  # never asked
     await harness.wait_serial(spec.serial_file, harness.up_marker)
+    return vmm
+
+
+async def test_known_state_holds_only_while_nothing_can_have_changed(
+    harness: Harness, tmp_path: Path
+) -> None:
+    vmm = await booted_and_up(harness, tmp_path)
     assert await vmm.state() is VmState.RUNNING
     assert vmm.known_state() is VmState.RUNNING
     assert vmm.known_state() is VmState.RUNNING  # looking does not use it up
@@ -138,12 +146,7 @@ async def test_known_state_holds_only_while_nothing_can_have_changed(
 async def test_a_change_the_guest_makes_ends_the_known_state(
     harness: Harness, tmp_path: Path
 ) -> None:
-    workdir = tmp_path / "vm"
-    vmm = harness.track(await harness.backend().start_vmm(ID, workdir))
-    spec = harness.spec(workdir)
-    spec = replace(spec, cmdline=f"{spec.cmdline} poweroff_after=1")
-    await vmm.create_and_boot(spec)
-    await harness.wait_serial(spec.serial_file, harness.up_marker)
+    vmm = await booted_and_up(harness, tmp_path, "poweroff_after=1")
     assert await vmm.state() is VmState.RUNNING
     assert vmm.known_state() is VmState.RUNNING
     # The guest powers itself off a second after it came up; nothing is asked of the VMM
