@@ -25,14 +25,13 @@ from .errors import (
     InvalidRequest,
     UnsupportedVersion,
     VmmDied,
-    VmmNotFound,
     VmmProtocolError,
     WrongState,
     wrong_state,
 )
 from .known import KnownState
 from .layout import VmmFiles
-from .process import VmmProcess, binary_version, wait_for_socket
+from .process import VmmProcess, binary_version, recorded_process, wait_for_socket
 from .snapshot_files import check_destination, check_snapshot_dir
 from .types import (
     Acceleration,
@@ -151,15 +150,9 @@ class CloudHypervisorBackend:
 
     async def attach(self, instance_id: str, workdir: Path) -> ChVmm:
         files = VmmFiles(workdir)
-        record = files.read_record()
-        if record is None or record.get("kind") != BackendKind.CLOUD_HYPERVISOR.value:
-            raise VmmNotFound(instance_id, f"no Cloud Hypervisor record in {str(workdir)!r}")
-        process = VmmProcess(int(record["pid"]), int(record["start_time"]))
-        if not process.alive():
-            files.remove_runtime()
-            raise VmmNotFound(
-                instance_id, f"Cloud Hypervisor (pid {process.pid}) is no longer running"
-            )
+        process, _ = recorded_process(
+            files, BackendKind.CLOUD_HYPERVISOR.value, "Cloud Hypervisor", instance_id
+        )
         vmm = ChVmm(self, instance_id, files, process)
         vmm.connect()
         try:

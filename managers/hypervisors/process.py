@@ -20,11 +20,12 @@ import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import Process
 
-from .errors import VmmDied, VmmStartTimeout
+from .errors import VmmDied, VmmNotFound, VmmStartTimeout
 from .layout import VmmFiles
 
 
@@ -168,6 +169,22 @@ class VmmProcess:
         self.release()
         if self._child is not None:
             await self._child.aclose()
+
+
+def recorded_process(
+    files: VmmFiles, kind: str, label: str, instance_id: str
+) -> tuple[VmmProcess, dict[str, Any]]:
+    """The live VMM that ``files`` record for backend ``kind``, with its record, for
+    re-adopting it. Raises ``VmmNotFound`` when there is none; a dead one's socket and
+    record are removed on the way."""
+    record = files.read_record()
+    if record is None or record.get("kind") != kind:
+        raise VmmNotFound(instance_id, f"no {label} record in {str(files.workdir)!r}")
+    process = VmmProcess(int(record["pid"]), int(record["start_time"]))
+    if not process.alive():
+        files.remove_runtime()
+        raise VmmNotFound(instance_id, f"{label} (pid {process.pid}) is no longer running")
+    return process, record
 
 
 async def binary_version(binary: str) -> str:

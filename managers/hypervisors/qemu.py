@@ -26,14 +26,13 @@ from .errors import (
     InvalidRequest,
     OperationTimeout,
     VmmDied,
-    VmmNotFound,
     VmmProtocolError,
     WrongState,
     wrong_state,
 )
 from .known import KnownState
 from .layout import VmmFiles
-from .process import VmmProcess, binary_version, wait_for_socket
+from .process import VmmProcess, binary_version, recorded_process, wait_for_socket
 from .qemu_argv import MAX_DIMMS, QemuLayout, blockdev_args, build_argv, disk_device_args
 from .qmp import QmpClient, QmpConnectionLost
 from .snapshot_files import check_destination, check_snapshot_dir
@@ -118,13 +117,7 @@ class QemuBackend:
 
     async def attach(self, instance_id: str, workdir: Path) -> QemuVmm:
         files = VmmFiles(workdir)
-        record = files.read_record()
-        if record is None or record.get("kind") != BackendKind.QEMU.value:
-            raise VmmNotFound(instance_id, f"no QEMU record in {str(workdir)!r}")
-        process = VmmProcess(int(record["pid"]), int(record["start_time"]))
-        if not process.alive():
-            files.remove_runtime()
-            raise VmmNotFound(instance_id, f"QEMU (pid {process.pid}) is no longer running")
+        process, record = recorded_process(files, BackendKind.QEMU.value, "QEMU", instance_id)
         vmm = QemuVmm(self, instance_id, files)
         try:
             vmm.adopt(process, QemuLayout.from_json(record["layout"]), record)
