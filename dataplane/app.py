@@ -22,6 +22,7 @@ from litestar.types import ASGIApp as LitestarASGIApp
 
 from dataplane.asgi import ASGIApp
 from dataplane.auth import AuthMiddleware
+from dataplane.bootstrap import ManagerFactory, real_managers
 from dataplane.contract import ContractMiddleware
 from dataplane.controllers.docs import DocsController
 from dataplane.controllers.images import ImagesController
@@ -34,9 +35,10 @@ from dataplane.settings import Settings
 from dataplane.spec import Spec
 
 
-def create_app(settings: Settings) -> Litestar:
+def create_app(settings: Settings, *, managers: ManagerFactory = real_managers) -> Litestar:
+    """The application for ``settings``, running on the managers ``managers`` opens."""
     spec = Spec.load()
-    runtime = Runtime(settings, spec)
+    runtime = Runtime(settings, spec, managers)
 
     def provide_runtime() -> Runtime:
         return runtime

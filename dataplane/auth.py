@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -19,6 +21,10 @@ from dataplane.spec import Spec
 log = logging.getLogger("dataplane.auth")
 
 _CHALLENGE = 'Bearer realm="dataplane"'
+
+# RFC 7519 NumericDate claims. PyJWT checks them with int(), which takes a numeric
+# string ("9999999999") or a boolean, so their JSON types are checked here as well.
+_NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 
 class _Rejected(Exception):
@@ -65,13 +71,12 @@ class AuthMiddleware:
             return
         if self.jwt_secret and credentials.count(".") == 2:
             try:
-                jwt.decode(
+                claims = jwt.decode(
                     credentials,
                     self.jwt_secret,
                     algorithms=["HS256"],
                     options={"require": ["exp"]},
                 )
-                return
             except jwt.ExpiredSignatureError:
                 raise _Rejected("the token has expired") from None
             except jwt.MissingRequiredClaimError:
@@ -79,4 +84,21 @@ class AuthMiddleware:
             except jwt.InvalidTokenError as error:
                 log.info("rejected a JWT: %s", error)
                 raise _Rejected("invalid token") from None
+            _check_numeric_dates(claims)
+            return
         raise _Rejected("invalid token")
+
+
+def _check_numeric_dates(claims: dict[str, Any]) -> None:
+    for name in _NUMERIC_DATE_CLAIMS:
+        if name in claims and not _is_numeric_date(claims[name]):
+            log.info("rejected a JWT: its %r claim is a %s", name, type(claims[name]).__name__)
+            raise _Rejected(f"the token's '{name}' claim must be a number (a NumericDate)")
+
+
+def _is_numeric_date(value: object) -> bool:
+    # bool is an int subclass; a float may be fractional (RFC 7519 allows it) but
+    # not infinite or NaN, which Python's JSON parser lets through.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))

@@ -2,8 +2,9 @@
 
 :class:`ApiError` is what handlers raise. The exception handlers here turn it,
 Litestar's own HTTP exceptions (unknown route, wrong method, bad parameters) and
-anything unexpected into that shape. Domain errors from ``managers`` are mapped
-to HTTP in one table, :data:`DOMAIN_ERRORS`, and nowhere else.
+anything unexpected into that shape. Domain errors from ``managers`` (every one a
+:class:`~managers.errors.DomainError`) bring their own ``code``, ``message`` and ``details``; their
+HTTP status comes from one table, :data:`DOMAIN_ERRORS`, and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from managers.errors import DomainError
 from managers.guest import errors as guest_errors
 from managers.hypervisors import errors as hypervisor_errors
 from managers.images import errors as images_errors
@@ -62,32 +64,45 @@ def error_response(error: ApiError) -> Response[bytes]:
     )
 
 
-# Domain exception type -> (status, code): the one place where the domain meets
-# HTTP. The most specific class wins because lookups walk the exception's MRO.
-DOMAIN_ERRORS: dict[type[Exception], tuple[int, str]] = {
-    images_errors.InvalidReference: (400, "invalid_reference"),
-    images_errors.InvalidArchive: (400, "invalid_archive"),
-    images_errors.InvalidFormat: (400, "invalid_format"),
-    images_errors.UnsupportedImage: (400, "unsupported_image"),
-    images_errors.ImageNotFound: (404, "image_not_found"),
-    images_errors.ImageInUse: (409, "image_in_use"),
-    images_errors.FormatConflict: (409, "format_conflict"),
-    images_errors.ImageNotReady: (409, "image_not_ready"),
-    images_errors.RegistryUnreachable: (502, "registry_unreachable"),
-    images_errors.RegistryError: (502, "registry_error"),
-    images_errors.ImageError: (500, "image_error"),
-    instances_errors.InvalidInstanceSpec: (400, "invalid_instance"),
-    instances_errors.InstanceNotFound: (404, "instance_not_found"),
-    instances_errors.ImageMissing: (404, "image_not_found"),
-    instances_errors.ImageNotReady: (409, "image_not_ready"),
-    instances_errors.InstanceExists: (409, "instance_exists"),
-    instances_errors.WrongInstanceState: (409, "wrong_state"),
-    instances_errors.ActionFailed: (500, "action_failed"),
-    guest_errors.GuestError: (503, "guest_unavailable"),
-    hypervisor_errors.HypervisorError: (500, "hypervisor_error"),
-    network_errors.AddressExhausted: (409, "addresses_exhausted"),
-    network_errors.NetworkError: (500, "network_error"),
+# Domain error type -> HTTP status: the one place where the domain meets HTTP. The code comes
+# from the error itself; the status from the most specific class listed here, because lookups
+# walk the exception's MRO (``DomainError`` last, so every domain error has one).
+DOMAIN_ERRORS: dict[type[DomainError], int] = {
+    images_errors.InvalidReference: 400,
+    images_errors.InvalidArchive: 400,
+    images_errors.InvalidFormat: 400,
+    images_errors.UnsupportedImage: 400,
+    images_errors.ImageNotFound: 404,
+    images_errors.ImageInUse: 409,
+    images_errors.FormatConflict: 409,
+    images_errors.ImageNotReady: 409,
+    images_errors.RegistryUnreachable: 502,
+    images_errors.RegistryError: 502,
+    images_errors.ImageError: 500,
+    instances_errors.InvalidInstanceSpec: 400,
+    instances_errors.InstanceNotFound: 404,
+    instances_errors.ImageMissing: 404,
+    instances_errors.ImageUnusable: 409,
+    instances_errors.InstanceExists: 409,
+    instances_errors.WrongInstanceState: 409,
+    instances_errors.InstanceQuarantined: 409,
+    instances_errors.ActionFailed: 500,
+    instances_errors.InstanceError: 500,
+    guest_errors.GuestError: 503,
+    hypervisor_errors.HypervisorError: 500,
+    network_errors.AddressExhausted: 409,
+    network_errors.NetworkError: 500,
+    DomainError: 500,
 }
+
+
+def domain_status(error: DomainError) -> int:
+    """The HTTP status of a domain error: its most specific class in :data:`DOMAIN_ERRORS`."""
+    for cls in type(error).__mro__:
+        status = DOMAIN_ERRORS.get(cls)
+        if status is not None:
+            return status
+    return 500
 
 
 _STATUS_CODES = {
@@ -130,17 +145,14 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     return error_response(ApiError(status, _code_for_status(status), message, details, headers))
 
 
+def handle_domain_error(request: Request[Any, Any, Any], exc: DomainError) -> Response[bytes]:
+    status = domain_status(exc)
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    return error_response(ApiError(status, exc.code, exc.message, exc.details))
+
+
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    for cls in type(exc).__mro__:
-        mapped = DOMAIN_ERRORS.get(cls)
-        if mapped is not None:
-            status, code = mapped
-            details = getattr(exc, "details", None)
-            if status >= 500:
-                log.error("%s %s failed: %s", request.method, request.url.path, exc)
-            return error_response(
-                ApiError(status, code, str(exc), details if isinstance(details, dict) else None)
-            )
     log.exception("unhandled error serving %s %s", request.method, request.url.path)
     return error_response(ApiError(500, "internal_error", "internal server error"))
 
@@ -152,5 +164,6 @@ def _plain(text: str) -> str:
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     ApiError: handle_api_error,
     HTTPException: handle_http_exception,
+    DomainError: handle_domain_error,
     Exception: handle_unexpected,
 }

@@ -2,7 +2,7 @@
 
 A caller's ``X-Request-ID`` is kept when it is a sane token, so ids can be
 followed across services; otherwise one is generated. The id is echoed in the
-response and set in :data:`dataplane.logs.request_id_var` for every log line
+response and set in :data:`dataplane.logsetup.request_id_var` for every log line
 written while the request is served.
 """
 
@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from dataplane.asgi import ASGIApp, Message, Receive, Scope, Send, header
-from dataplane.logs import request_id_var
+from dataplane.logsetup import request_id_var
 
 log = logging.getLogger("dataplane.access")
 

@@ -1,12 +1,15 @@
 """The long-lived state of one server process, owned by the app's lifespan.
 
 Everything a handler needs beyond the request comes from here: settings, the
-spec, the readiness phase, and the managers. Start-up order: the on-disk layout,
-the image manager (recovers interrupted builds), the instance manager (re-adopts
-running VMMs, removes half-made instances). Slow facts (the guest kernel and
-initrd when they must be built, the hypervisor's version and acceleration) are
-gathered in the background so the API answers at once; until they are known,
-``/health`` shows null and creating an instance answers 503 with the reason.
+spec, the readiness phase, and the managers. Start-up order: the on-disk layout
+(``DATA_DIR`` made private), then the managers the app was given (by default
+``bootstrap.real_managers``: the image manager, which recovers interrupted builds,
+then the instance manager, which settles what a crash left and re-adopts running
+VMMs). Slow facts (the guest kernel and initrd when they must be built, the
+hypervisor's version and acceleration) are gathered in the background so the API
+answers at once: ``/health`` shows null for them until they are known, and a
+request that needs the guest (create, start, restore) waits for them, up to
+``GUEST_WAIT_SECONDS``, then answers 503 ``guest_unavailable`` with the reason.
 """
 
 from __future__ import annotations
@@ -25,17 +28,17 @@ import anyio
 from litestar import Litestar
 
 from dataplane import __version__
+from dataplane.bootstrap import ManagerFactory, real_managers
 from dataplane.errors import ApiError
-from dataplane.logs import InstanceLogHandler
-from dataplane.logs import attach as attach_log_handler
-from dataplane.logs import detach as detach_log_handler
+from dataplane.logsetup import InstanceLogHandler
+from dataplane.logsetup import attach as attach_log_handler
+from dataplane.logsetup import detach as detach_log_handler
 from dataplane.settings import Settings
 from dataplane.spec import Spec
 from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
 from managers.hypervisors import BackendKind, BackendSettings, HypervisorBackend, open_backend
 from managers.images import ImageManager
 from managers.instances import InstanceManager
-from managers.network import NetworkManager
 from managers.paths import Paths
 
 log = logging.getLogger("dataplane.runtime")
@@ -57,8 +60,11 @@ class HypervisorInfo:
 class Runtime:
     # A plain class, not a dataclass: Litestar's DI would otherwise try to
     # convert it field by field when injecting it into handlers.
-    def __init__(self, settings: Settings, spec: Spec) -> None:
+    def __init__(
+        self, settings: Settings, spec: Spec, managers: ManagerFactory = real_managers
+    ) -> None:
         self.settings = settings
+        self._managers = managers
         self.spec = spec
         self.version = __version__
         self.phase: Phase = "starting"
@@ -129,26 +135,8 @@ class Runtime:
             instance_logs = InstanceLogHandler(self.paths, settings.log_format)
             attach_log_handler(instance_logs)
             stack.callback(detach_log_handler, instance_logs)
-            images = ImageManager(
-                self.paths,
-                max_concurrent_builds=settings.max_concurrent_builds,
-                cache_seconds=settings.cache_seconds,
-                insecure_registries=settings.insecure_registries,
-            )
-            await images.start()
-            stack.push_async_callback(images.close)
-            self.images = images
-            instances = InstanceManager(
-                self.paths,
-                images=images,
-                backends=self.backends,
-                default_hypervisor=self.hypervisor.kind,
-                artifacts=self.guest_artifacts,
-                network=NetworkManager(settings.network) if _can_network() else None,
-            )
-            await instances.start()
-            stack.push_async_callback(instances.close)
-            self.instances = instances
+            managers = await stack.enter_async_context(self._managers(self))
+            self.images, self.instances = managers.images, managers.instances
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
             group.start_soon(self._prepare_guest)
@@ -193,8 +181,3 @@ class Runtime:
         acceleration = await backend.acceleration(self.artifacts.bzimage)
         self.hypervisor = replace(self.hypervisor, version=version, acceleration=acceleration.value)
         log.info("hypervisor %s %s with %s", self.hypervisor.kind, version, acceleration.value)
-
-
-def _can_network() -> bool:
-    """Bridges and TAPs need root and the TUN device."""
-    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")

@@ -17,16 +17,27 @@ Layout::
                               logs/ (serial.raw and vmm.log as the VMM writes them;
                               app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
     volumes/<id>/             metadata.json, data.raw
+    quarantine/<kind>/<name>-<UTC time>/
+                              a folder whose record could not be read, moved here whole
+                              (disks included) with a QUARANTINE.json saying why; only an
+                              operator removes it
 
 Outside ``DATA_DIR``, ``/run/dataplane/`` holds facts of the current host boot.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 RUN_DIR = Path("/run/dataplane")
+
+# A VMM's files inside its instance folder; ``hypervisors.layout.VmmFiles`` builds on these.
+VMM_SOCKET = "vmm.sock"
+VMM_EVENTS = "events.json"
+VMM_RECORD = "vmm.json"
+VMM_LOG = "logs/vmm.log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +143,7 @@ class Paths:
         return self.instance_dir(instance_id) / "config.img"
 
     def instance_api_socket(self, instance_id: str) -> Path:
-        return self.instance_dir(instance_id) / "vmm.sock"
-
-    def instance_event_monitor(self, instance_id: str) -> Path:
-        return self.instance_dir(instance_id) / "events.json"
+        return self.instance_dir(instance_id) / VMM_SOCKET
 
     def instance_logs(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "logs"
@@ -146,7 +154,7 @@ class Paths:
 
     def instance_vmm_raw(self, instance_id: str) -> Path:
         """The VMM process's own stdout and stderr (written by ``managers.hypervisors``)."""
-        return self.instance_logs(instance_id) / "vmm.log"
+        return self.instance_dir(instance_id) / VMM_LOG
 
     def instance_pump_state(self, instance_id: str) -> Path:
         return self.instance_logs(instance_id) / "pump.json"
@@ -157,11 +165,9 @@ class Paths:
     def instance_standby(self, instance_id: str) -> Path:
         return self.instance_dir(instance_id) / "standby"
 
-    def instance_snapshots(self, instance_id: str) -> Path:
-        return self.instance_dir(instance_id) / "snapshots"
-
-    def instance_snapshot(self, instance_id: str, snapshot_id: str) -> Path:
-        return self.instance_snapshots(instance_id) / snapshot_id
+    def instance_standby_partial(self, instance_id: str) -> Path:
+        """A standby snapshot being written; renamed to ``standby/`` once complete."""
+        return self.instance_dir(instance_id) / "standby.partial"
 
     # -- volumes -------------------------------------------------------------
     @property
@@ -177,8 +183,20 @@ class Paths:
     def volume_data(self, volume_id: str) -> Path:
         return self.volume_dir(volume_id) / "data.raw"
 
+    # -- quarantine ----------------------------------------------------------
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    def quarantine_kind(self, kind: str) -> Path:
+        """Where folders of one kind (``instances``, ``images``) are moved when unreadable."""
+        return self.quarantine / kind
+
     def ensure(self) -> None:
-        """Create the top-level folders; safe to call on every start."""
+        """Create the top-level folders, ``DATA_DIR`` private to root; safe on every start."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A DATA_DIR made by an older version (or by hand) may be open to every user.
+        os.chmod(self.root, 0o700)
         for folder in (
             self.kernel_dir,
             self.initrd_dir,

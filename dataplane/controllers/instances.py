@@ -19,35 +19,73 @@ from managers.instances.logs import LogLine
 
 
 def instance_json(instance: Instance) -> dict[str, Any]:
+    """The contract's ``Instance``; a quarantined one has only its id, state and quarantine."""
     record = instance.record
-    network = record["network"]
-    return {
+    body: dict[str, Any] = {
         "id": instance.id,
         "name": instance.name,
         "state": str(instance.state),
-        "image": record["image"]["name"],
-        "image_digest": record["image"]["digest"],
-        "hypervisor": record["hypervisor"],
-        "vcpus": record["vcpus"],
-        "memory_mb": record["memory_mb"],
-        "memory_max_mb": record["memory_max_mb"],
-        "overlay_size_mb": record["overlay_size_mb"],
-        "env": record["env"],
-        "entrypoint": record["entrypoint"],
-        "cmd": record["cmd"],
-        "workdir": record["workdir"],
-        "network": {
-            "enabled": bool(network.get("enabled")),
-            "ip": network.get("address"),
-            "mac": network.get("mac"),
-            "gateway": network.get("gateway"),
-        },
-        "created_at": record["created_at"],
         "program_started_at": instance.guest.program_started_at,
         "exit_code": instance.guest.exit_code,
         "error": instance.guest.error,
         "pid": instance.pid,
+        "restarts": instance.restarts,
+        "quarantine": None,
     }
+    quarantine = instance.quarantine
+    if quarantine is not None:
+        body["error"] = f"its record could not be read: {quarantine.reason}"
+        body["quarantine"] = {
+            "path": quarantine.path,
+            "reason": quarantine.reason,
+            "quarantined_at": quarantine.quarantined_at,
+        }
+    if record is None:
+        return {**body, **dict.fromkeys(_RECORD_FIELDS)}
+    network = record.network
+    return {
+        **body,
+        "image": record.image.name,
+        "image_digest": record.image.digest,
+        "hypervisor": record.hypervisor,
+        "vcpus": record.vcpus,
+        "memory_mb": record.memory_mb,
+        "memory_max_mb": record.memory_max_mb,
+        "overlay_size_mb": record.overlay_size_mb,
+        "env": dict(record.env),
+        "entrypoint": list(record.entrypoint) if record.entrypoint is not None else None,
+        "cmd": list(record.cmd) if record.cmd is not None else None,
+        "workdir": record.workdir,
+        "network": {
+            "enabled": network.enabled,
+            "ip": network.address,
+            "mac": network.mac,
+            "gateway": network.gateway,
+        },
+        "created_at": record.created_at,
+        "restart_policy": record.restart_policy.value,
+        "keep_on_exit": record.keep_on_exit,
+    }
+
+
+# What only a readable record can tell; null for a quarantined instance.
+_RECORD_FIELDS = (
+    "image",
+    "image_digest",
+    "hypervisor",
+    "vcpus",
+    "memory_mb",
+    "memory_max_mb",
+    "overlay_size_mb",
+    "env",
+    "entrypoint",
+    "cmd",
+    "workdir",
+    "network",
+    "created_at",
+    "restart_policy",
+    "keep_on_exit",
+)
 
 
 def _manager(runtime: Runtime) -> InstanceManager:
@@ -59,17 +97,11 @@ class InstancesController(Controller):
 
     @post("/", status_code=201)
     async def create(
-        self, runtime: NamedDependency[Runtime], data: JSONBody[dict[str, Any]]
+        self, runtime: NamedDependency[Runtime], data: JSONBody[Any]
     ) -> dict[str, Any]:
-        # The body is already valid against the spec; absent fields keep the
-        # defaults CreateRequest defines (the one place they are written).
-        fields = {k: v for k, v in data.items() if k not in ("entrypoint", "cmd", "network")}
-        for argv in ("entrypoint", "cmd"):
-            if argv in data:
-                fields[argv] = tuple(data[argv])
-        if "network" in data:
-            fields["network"] = bool(data["network"].get("enabled", False))
-        request = CreateRequest(**fields)
+        # Parsed on its own (not trusting the contract check, which can be off); absent
+        # fields keep the defaults CreateRequest defines (the one place they are written).
+        request = CreateRequest.from_json(data)
         return instance_json(await _manager(runtime).create(request))
 
     @get("/")
@@ -78,7 +110,15 @@ class InstancesController(Controller):
         runtime: NamedDependency[Runtime],
         state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
     ) -> list[dict[str, Any]]:
-        wanted = InstanceState(state_filter) if state_filter else None
+        try:
+            wanted = InstanceState(state_filter) if state_filter else None
+        except ValueError:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"unknown state {state_filter!r}",
+                {"states": list(InstanceState)},
+            ) from None
         return [instance_json(i) for i in await _manager(runtime).list(wanted)]
 
     @get("/{instance_id:str}")

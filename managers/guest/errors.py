@@ -1,13 +1,31 @@
 """The guest package's errors: one tree rooted in :class:`GuestError`.
 
-Every error carries a message that says what failed and, where there is one, what to do.
+Every error carries a message that says what failed and, where there is one, what to do. All
+share one ``code``, ``guest_unavailable`` (a :class:`~managers.errors.DomainError` attribute)::
+
+    GuestError
+    ├── ArtifactError             the kernel or the initrd could not be prepared
+    │   ├── ToolMissingError      a host tool the build needs is not installed
+    │   ├── KernelFetchError      apt-get download of the kernel package failed
+    │   ├── KernelUnpackError     the kernel package could not be unpacked or indexed
+    │   ├── KernelModuleError     a module the guest needs is missing
+    │   ├── InitCompileError      the guest init did not compile
+    │   ├── InitrdBuildError      the initrd could not be assembled
+    │   └── OverridePathError     KERNEL_PATH or INITRD_PATH names an unusable file
+    ├── InvalidGuestConfig        a GuestConfig cannot be delivered as given
+    ├── OverlayDiskError          the overlay disk could not be created or formatted
+    └── TscUnavailableError       the host's TSC frequency could not be determined
 """
 
 from __future__ import annotations
 
+from managers.errors import DomainError
 
-class GuestError(Exception):
+
+class GuestError(DomainError):
     """Base of every error raised by ``managers.guest``."""
+
+    code = "guest_unavailable"
 
 
 class ArtifactError(GuestError):

@@ -8,6 +8,7 @@ gives a real ext4 (journal, extents), so prefer it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import anyio
@@ -28,8 +29,12 @@ async def create_overlay_disk(path: Path, size_bytes: int, *, format_ext4: bool 
 
     def allocate() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("xb") as handle:
-            handle.truncate(size_bytes)
+        # The guest's writable layer: readable by root alone.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size_bytes)
+        finally:
+            os.close(fd)
 
     await anyio.to_thread.run_sync(allocate)
     if not format_ext4:

@@ -16,7 +16,7 @@ from .errors import (
     WrongState,
 )
 from .factory import open_backend
-from .process import terminate_recorded
+from .process import terminate_recorded, vmm_pids
 from .types import (
     Acceleration,
     BackendKind,
@@ -55,4 +55,5 @@ __all__ = [
     "WrongState",
     "open_backend",
     "terminate_recorded",
+    "vmm_pids",
 ]

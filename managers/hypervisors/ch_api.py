@@ -2,7 +2,8 @@
 
 v53 answers a wrong-state request with 500 (not the 405 its OpenAPI file lists), a missing VM
 with 404, and puts its error chain in the body as a JSON array of strings; that chain is kept in
-``VmmRequestFailed.details`` so the operator sees Cloud Hypervisor's own words.
+``VmmRequestFailed.vmm_errors`` (and ``details["vmm_errors"]``) so the operator sees Cloud
+Hypervisor's own words.
 """
 
 from __future__ import annotations

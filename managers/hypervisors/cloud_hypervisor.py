@@ -91,19 +91,14 @@ class CloudHypervisorBackend:
             # Keep the VMM when the guest powers off, so the instance reads Shutdown, not gone.
             "--no-shutdown",
         ]  # fmt: skip
-        process = await VmmProcess.spawn(argv, files, instance_id)
+        process = await VmmProcess.spawn(
+            argv, files, instance_id, {"kind": BackendKind.CLOUD_HYPERVISOR.value}
+        )
         vmm = ChVmm(self, instance_id, files, process)
         try:
             await wait_for_socket(process, files, instance_id, self.settings.start_timeout)
             vmm.connect()
             await vmm.check_version()
-            files.write_record(
-                {
-                    "kind": BackendKind.CLOUD_HYPERVISOR.value,
-                    "pid": process.pid,
-                    "start_time": process.start_time,
-                }
-            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await vmm.discard()

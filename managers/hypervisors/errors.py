@@ -1,6 +1,7 @@
 """The hypervisor error tree. Every error names the instance whose VMM it concerns.
 
-::
+The instance is in the message and in ``details["instance_id"]``. All share one ``code``,
+``hypervisor_error`` (a :class:`~managers.errors.DomainError` attribute)::
 
     HypervisorError
     ├── InvalidRequest        bad input (spec, snapshot dir, resize): nothing was started or changed
@@ -16,14 +17,17 @@
 
 from __future__ import annotations
 
+from managers.errors import DomainError
 
-class HypervisorError(Exception):
+
+class HypervisorError(DomainError):
     """Base of every error raised by ``managers.hypervisors``."""
 
+    code = "hypervisor_error"
+
     def __init__(self, instance_id: str, message: str) -> None:
+        super().__init__(f"instance {instance_id}: {message}", {"instance_id": instance_id})
         self.instance_id = instance_id
-        self.message = message
-        super().__init__(f"instance {instance_id}: {message}")
 
 
 class InvalidRequest(HypervisorError):
@@ -42,8 +46,9 @@ class VmmDied(HypervisorError):
     """The VMM process is gone: it crashed, was killed, or exited on its own."""
 
     def __init__(self, instance_id: str, message: str, exit_code: int | None = None) -> None:
-        self.exit_code = exit_code
         super().__init__(instance_id, message)
+        self.exit_code = exit_code
+        self.details["exit_code"] = exit_code
 
 
 class VmmProtocolError(HypervisorError):
@@ -51,15 +56,19 @@ class VmmProtocolError(HypervisorError):
 
 
 class VmmRequestFailed(HypervisorError):
-    """The VMM refused a request; ``details`` keeps its own error chain."""
+    """The VMM refused a request; ``vmm_errors`` (also in ``details``) is its own error chain."""
 
     def __init__(
         self, instance_id: str, message: str, details: list[str] | None = None, status: int = 0
     ) -> None:
-        self.details = details or []
-        self.status = status
-        text = message if not self.details else f"{message}: {'; '.join(self.details)}"
+        # The parameter keeps its name so callers are unchanged; ``details`` itself is now the
+        # mapping every domain error carries, so the chain lives under its own name.
+        chain = list(details or [])
+        text = message if not chain else f"{message}: {'; '.join(chain)}"
         super().__init__(instance_id, text)
+        self.vmm_errors = chain
+        self.status = status
+        self.details["vmm_errors"] = chain
 
 
 class WrongState(VmmRequestFailed):

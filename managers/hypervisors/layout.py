@@ -1,6 +1,6 @@
 """Where a VMM's files live inside an instance's work directory.
 
-The names match ``managers.paths.Paths`` (``vmm.sock``, ``events.json``, ``logs/vmm.log``) so
+The names are ``managers.paths``'s (the one owner of the on-disk layout), so
 ``Paths.instance_dir(id)`` can be passed as the workdir. ``vmm.json`` records the process (pid and
 kernel start time, to tell a live VMM from a recycled pid) and backend-specific facts needed to
 re-attach after a dataplane restart.
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from managers.atomic import write_json_atomic
+from managers.paths import VMM_EVENTS, VMM_LOG, VMM_RECORD, VMM_SOCKET
 
 from .errors import InvalidRequest
 
@@ -27,19 +28,19 @@ class VmmFiles:
 
     @property
     def socket(self) -> Path:
-        return self.workdir / "vmm.sock"
+        return self.workdir / VMM_SOCKET
 
     @property
     def events(self) -> Path:
-        return self.workdir / "events.json"
+        return self.workdir / VMM_EVENTS
 
     @property
     def record(self) -> Path:
-        return self.workdir / "vmm.json"
+        return self.workdir / VMM_RECORD
 
     @property
     def log(self) -> Path:
-        return self.workdir / "logs" / "vmm.log"
+        return self.workdir / VMM_LOG
 
     def check(self, instance_id: str) -> None:
         if not self.workdir.is_absolute():

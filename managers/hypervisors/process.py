@@ -18,12 +18,14 @@ import select
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import Process
+
+from managers.failpoints import failpoint
 
 from .errors import VmmDied, VmmNotFound, VmmStartTimeout
 from .layout import VmmFiles
@@ -54,9 +56,21 @@ class VmmProcess:
         self._gone = False
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], files: VmmFiles, instance_id: str) -> VmmProcess:
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        files: VmmFiles,
+        instance_id: str,
+        record: Mapping[str, Any],
+    ) -> VmmProcess:
+        """Start a VMM and record it (``record`` plus pid and start time) at once.
+
+        The record is written before anything waits for the VMM's socket, so a dataplane
+        killed at any later instant leaves a process that start-up can find, identify and
+        end; the instant between the fork and that write is covered by :func:`vmm_pids`.
+        """
         files.prepare()
-        log = files.log.open("ab")
+        log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             try:
                 child = await anyio.open_process(
@@ -66,13 +80,24 @@ class VmmProcess:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     cwd=str(files.workdir),
+                    # What the VMM writes (serial console, snapshots, its socket) holds guest
+                    # data: root's alone, whatever umask the dataplane was started with.
+                    umask=0o077,
                 )
             except OSError as exc:
                 raise VmmDied(instance_id, f"could not start {argv[0]!r}: {exc}") from exc
         finally:
-            log.close()
+            os.close(log)
         start = proc_start_time(child.pid)
-        return cls(child.pid, start if start is not None else 0, child)
+        process = cls(child.pid, start if start is not None else 0, child)
+        try:
+            files.write_record({**record, "pid": process.pid, "start_time": process.start_time})
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await process.terminate()
+            raise
+        failpoint("vmm.spawned")
+        return process
 
     def alive(self) -> bool:
         if self._gone:
@@ -229,6 +254,9 @@ async def wait_for_socket(
             if files.socket.exists() and await anyio.to_thread.run_sync(
                 _socket_answers, files.socket
             ):
+                # Whoever can connect can drive the VM: root alone, like the guest's files.
+                with contextlib.suppress(OSError):
+                    os.chmod(files.socket, 0o600)
                 return
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -244,18 +272,53 @@ def _log_suffix(files: VmmFiles) -> str:
     return f" (VMM log: {tail})" if tail else ""
 
 
-async def terminate_recorded(workdir: Path) -> bool:
-    """End the VMM recorded in ``workdir`` even when its API no longer answers.
+def vmm_pids(workdir: Path) -> list[int]:
+    """Every process that is a VMM of ``workdir``, recorded or not.
 
-    For a VMM that cannot be attached to (it hangs, or speaks a version we refuse):
-    the record's pid and start time identify it, so a recycled pid is never signalled.
-    Returns True when a live process was ended.
+    A VMM is started with ``workdir`` as its current directory and its API socket path on
+    its command line; both together mark it as ours. This finds a VMM whose record was
+    never written (the dataplane died between the fork and the write) or was lost with a
+    damaged folder. It reads ``/proc``: call it in a worker thread.
+    """
+    files = VmmFiles(workdir)
+    directory = str(workdir)
+    needle = str(files.socket).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "cwd") != directory:
+                continue
+            if needle not in (entry / "cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        found.append(int(entry.name))
+    return found
+
+
+async def terminate_recorded(workdir: Path) -> bool:
+    """End every VMM of ``workdir`` even when its API no longer answers.
+
+    For a VMM that cannot be attached to (it hangs, or speaks a version we refuse), or one
+    a crash left unrecorded: the record's pid and start time identify the recorded one, so
+    a recycled pid is never signalled, and :func:`vmm_pids` finds the rest. Returns True
+    when a live process was ended.
     """
     files = VmmFiles(workdir)
     record = files.read_record()
-    ended = False
+    processes: list[VmmProcess] = []
     if record is not None and "pid" in record and "start_time" in record:
-        process = VmmProcess(int(record["pid"]), int(record["start_time"]))
+        with contextlib.suppress(TypeError, ValueError):
+            processes.append(VmmProcess(int(record["pid"]), int(record["start_time"])))
+    recorded = {process.pid for process in processes}
+    for pid in await anyio.to_thread.run_sync(vmm_pids, workdir):
+        start = proc_start_time(pid)
+        if pid not in recorded and start is not None:
+            processes.append(VmmProcess(pid, start))
+    ended = False
+    for process in processes:
         try:
             if process.alive():
                 await process.terminate()

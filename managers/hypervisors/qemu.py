@@ -185,15 +185,14 @@ class QemuVmm:
             incoming,
         )
         settings = self.backend.settings
-        process = await VmmProcess.spawn(argv, self.files, self.instance_id)
-        self.process = process
         self.layout = layout
+        process = await VmmProcess.spawn(argv, self.files, self.instance_id, self._record())
+        self.process = process
         try:
             await wait_for_socket(process, self.files, self.instance_id, settings.start_timeout)
             self.qmp = await QmpClient.connect(
                 self.instance_id, self.files.socket, settings.start_timeout
             )
-            self._write_record()
             if incoming is not None:
                 await self._wait_incoming()
         except BaseException:
@@ -403,18 +402,20 @@ class QemuVmm:
             await self.process.terminate()
         self.files.remove_runtime()
 
+    def _record(self) -> dict[str, Any]:
+        """What re-adopting this VMM needs, less the process (``VmmProcess.spawn`` adds it)."""
+        assert self.layout is not None
+        return {
+            "kind": BackendKind.QEMU.value,
+            "acceleration": self.acceleration.value,
+            "forced_off": self.forced_off,
+            "layout": self.layout.to_json(),
+        }
+
     def _write_record(self) -> None:
         assert self.process is not None
-        assert self.layout is not None
         self.files.write_record(
-            {
-                "kind": BackendKind.QEMU.value,
-                "pid": self.process.pid,
-                "start_time": self.process.start_time,
-                "acceleration": self.acceleration.value,
-                "forced_off": self.forced_off,
-                "layout": self.layout.to_json(),
-            }
+            {**self._record(), "pid": self.process.pid, "start_time": self.process.start_time}
         )
 
     def _layout(self) -> QemuLayout:

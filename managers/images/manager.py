@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import datetime as dt
 import errno
 import logging
 import os
@@ -25,8 +24,10 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
+from ..clock import now_iso
+from ..failpoints import failpoint
 from ..paths import Paths
-from . import disk
+from . import disk, references
 from .archive import ingest_archive
 from .errors import (
     BuildFailed,
@@ -52,6 +53,7 @@ from .manifest import (
     to_oci_manifest,
 )
 from .reference import Reference, is_digest, parse_reference
+from .references import References
 from .registry import RegistryClient
 from .scratch import DEFAULT_SCRATCH, Scratch, unpacked_estimate
 from .store import Record, RecordStore
@@ -70,10 +72,6 @@ _MAX_ARCHIVE_BYTES = 64 << 30
 def _default_docker_config() -> Path:
     base = os.environ.get("DOCKER_CONFIG")
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _Counter:
@@ -171,6 +169,7 @@ class ImageManager:
         self._tg: anyio.abc.TaskGroup | None = None
         self._lock = anyio.Lock()
         self._adding = 0  # requests/imports putting blobs in the layout before their record exists
+        self._opaque_noted: frozenset[Path] = frozenset()  # opaque records already logged
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> ImageManager:
@@ -380,7 +379,7 @@ class ImageManager:
     async def _queue(
         self, name: str, digest: str, platform_digest: str, fmt: DiskFormat, source: str
     ) -> Image:
-        now = _now()
+        now = now_iso()
         previous = self._entries.get(digest)
         if previous is not None and previous.scope is not None:
             await previous.idle.wait()  # the failed build is still unwinding
@@ -463,9 +462,13 @@ class ImageManager:
         reason: str | None = None
         try:
             manifest = await self._fetch_content(entry)
+            failpoint("image.pulled")
             tree = await self._unpack(entry, manifest, trees)
+            failpoint("image.unpacked")
             await self._set(entry, status=ImageStatus.CONVERTING, progress=Progress("converting"))
             size = await disk.build_disk(tree, dest, entry.image.format)
+            # The disk is complete under its final name; the record does not say ready yet.
+            failpoint("image.disk_written")
         except ImageError as exc:
             reason = str(exc)
         except OSError as exc:
@@ -490,7 +493,16 @@ class ImageManager:
     async def _fail(self, entry: _Entry, reason: str) -> None:
         with anyio.CancelScope(shield=True):
             dest = self._paths.image_disk(entry.image.digest, entry.image.format)
-            await anyio.to_thread.run_sync(lambda: dest.unlink(missing_ok=True))
+            if await anyio.to_thread.run_sync(dest.exists):
+                # Normally this build's own output; but a disk an instance record names
+                # (the image was ready once, then quarantined and rebuilt) stays.
+                keep = self._still_needed(entry, await self._references(), automatic=True)
+                if keep is None:
+                    await anyio.to_thread.run_sync(lambda: dest.unlink(missing_ok=True))
+                else:
+                    _log.warning(
+                        "failed build of %s keeps its disk %s: %s", entry.image.digest, dest, keep
+                    )
             await self._set(entry, status=ImageStatus.FAILED, error=reason, disk_path=None)
 
     async def _fetch_content(self, entry: _Entry) -> ImageManifest:
@@ -624,12 +636,12 @@ class ImageManager:
 
     def _publish(self, entry: _Entry, **changes: object) -> None:
         """In-memory change (progress ticks): subscribers see it, the disk does not."""
-        entry.record = entry.record.with_image(updated_at=_now(), **changes)
+        entry.record = entry.record.with_image(updated_at=now_iso(), **changes)
         self._notify(entry)
 
     async def _set(self, entry: _Entry, **changes: object) -> None:
         """A status change: on disk first, so whoever sees it may rely on it after a crash."""
-        entry.record = entry.record.with_image(updated_at=_now(), **changes)
+        entry.record = entry.record.with_image(updated_at=now_iso(), **changes)
         await self._save(entry.record)
         self._notify(entry)
 
@@ -640,18 +652,69 @@ class ImageManager:
 
     # -- deletion and the cache ----------------------------------------------------
     async def delete(self, name_or_digest: str) -> None:
-        """Remove an image, its disk and its names; cancel its build. ImageInUse while used."""
+        """Remove an image, its disk and its names; cancel its build.
+
+        ImageInUse while an instance holds it or any instance record on disk (readable or not,
+        quarantined or not) mentions it.
+        """
         entry = self._lookup(name_or_digest)
-        if entry.refs > 0:
-            raise ImageInUse(f"image {entry.image.name} is used by {entry.refs} instance(s)")
+        found = await self._references()
+        while (current := self._lookup(name_or_digest)) is not entry:
+            entry = current  # deleted or rebuilt while the records were scanned: look again
+            found = await self._references()
+        self._check_unused(entry, found, automatic=False)
+        if found.opaque:
+            _log.warning(
+                "deleting %s although unreadable instance records name no image: %s",
+                entry.image.digest,
+                ", ".join(map(str, found.opaque)),
+            )
         await self._remove(entry)
         await self._collect_blobs()
 
+    async def _references(self) -> References:
+        """What the instance records on disk reference (scanned in a thread)."""
+        digests = list(self._entries)
+        return await anyio.to_thread.run_sync(references.scan, self._paths, digests)
+
+    def _still_needed(self, entry: _Entry, found: References, *, automatic: bool) -> str | None:
+        """Why the disk of ``entry`` must stay, or None when nothing references it."""
+        if entry.refs > 0:
+            return f"used by {entry.refs} instance(s)"
+        holders = found.holders(entry.image.digest)
+        if holders:
+            return "named by instance record(s) " + ", ".join(map(str, holders))
+        if automatic and found.opaque:
+            return "unreadable instance record(s) naming no image: " + ", ".join(
+                map(str, found.opaque)
+            )
+        return None
+
+    def _relative(self, path: Path) -> str:
+        """A record's path as the API may show it: relative to DATA_DIR."""
+        try:
+            return str(path.relative_to(self._paths.root))
+        except ValueError:
+            return str(path)
+
+    def _check_unused(self, entry: _Entry, found: References, *, automatic: bool) -> None:
+        reason = self._still_needed(entry, found, automatic=automatic)
+        if reason is not None:
+            holders = found.holders(entry.image.digest)
+            raise ImageInUse(
+                f"image {entry.image.name} is in use: {reason}",
+                {"holders": entry.refs, "records": [self._relative(path) for path in holders]},
+            )
+
     async def _remove(self, entry: _Entry) -> None:
+        """Forget an image and remove its folder (callers checked that nothing references it)."""
         digest = entry.image.digest
         if entry.scope is not None:
             entry.scope.cancel()
             await entry.idle.wait()
+        if entry.refs > 0:
+            # Acquired while its build was unwinding: it stays.
+            raise ImageInUse(f"image {entry.image.name} is used by {entry.refs} instance(s)")
         self._entries.pop(digest, None)
         names = [name for name, d in self._tags.items() if d == digest]
         for name in names:
@@ -683,22 +746,56 @@ class ImageManager:
         if self._cache_seconds is None:
             return []
         cutoff = (time.time() if now is None else now) - self._cache_seconds
+        stale = [
+            entry
+            for entry in self._entries.values()
+            if not (entry.refs or entry.building or entry.record.last_used > cutoff)
+        ]
+        if not stale:
+            return []
+        found = await self._references()
+        if self._note_opaque(found.opaque):
+            return []
         evicted: builtins.list[str] = []
-        for entry in list(self._entries.values()):
-            if entry.refs or entry.building or entry.record.last_used > cutoff:
+        for entry in stale:
+            if self._entries.get(entry.image.digest) is not entry:
+                continue  # deleted or replaced while the records were scanned
+            if entry.building or self._still_needed(entry, found, automatic=True) is not None:
                 continue
-            await self._remove(entry)
+            try:
+                await self._remove(entry)
+            except ImageInUse:
+                continue
             evicted.append(entry.image.digest)
         if evicted:
             await self._collect_blobs()
         return evicted
+
+    def _note_opaque(self, opaque: tuple[Path, ...]) -> bool:
+        """Whether unreadable records block eviction; says why once per set of such records."""
+        current = frozenset(opaque)
+        if current != self._opaque_noted:
+            if current:
+                _log.warning(
+                    "cache eviction paused: unreadable instance record(s) %s name no image, "
+                    "so any image may be in use; repair or remove them",
+                    ", ".join(sorted(map(str, current))),
+                )
+            else:
+                _log.info("cache eviction resumed: no unreadable instance records left")
+            self._opaque_noted = current
+        return bool(current)
 
     async def _sweeper(self) -> None:
         assert self._cache_seconds is not None
         interval = min(max(self._cache_seconds / 4, 0.5), 60.0)
         while True:
             await anyio.sleep(interval)
-            await self.evict_unused()
+            try:
+                await self.evict_unused()
+            except Exception:
+                # A failed sweep must not end the manager's task group (and every build).
+                _log.exception("cache eviction failed; retrying at the next sweep")
 
 
 @contextlib.asynccontextmanager

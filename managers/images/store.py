@@ -8,6 +8,7 @@ memory only; the file changes on status changes.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import urllib.parse
 from dataclasses import dataclass, replace
@@ -16,7 +17,10 @@ from typing import Any
 
 from ..atomic import remove_stale_temporaries, write_atomic, write_json_atomic
 from ..paths import Paths
+from ..quarantine import quarantine
 from .types import Image
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +65,42 @@ class RecordStore:
         write_json_atomic(self.paths.image_metadata(record.image.digest), record.to_dict())
 
     def load_all(self) -> list[Record]:
+        """Every readable record; a folder that cannot be read is quarantined, never deleted."""
         records: list[Record] = []
         if not self.paths.images.is_dir():
             return records
         for entry in sorted(self.paths.images.iterdir()):
-            if entry == self.paths.image_tags or not entry.is_dir():
+            if entry == self.paths.image_tags or not entry.is_dir() or entry.is_symlink():
                 continue
-            remove_stale_temporaries(entry)
             meta = entry / "metadata.json"
             try:
-                records.append(Record.from_dict(json.loads(meta.read_text())))
-            except (OSError, ValueError, KeyError, TypeError):
-                # No readable metadata: a crash before the first write; nothing to keep.
-                shutil.rmtree(entry, ignore_errors=True)
+                record = Record.from_dict(json.loads(meta.read_bytes()))
+                if self.paths.image_dir(record.image.digest) != entry:
+                    raise ValueError(f"the record names {record.image.digest}")
+            except FileNotFoundError:
+                if _only_temporaries(entry):
+                    # A build that crashed before its first record was renamed into place
+                    # (``_queue`` writes the record before anything else): the folder holds
+                    # nothing or only ``.*.tmp`` temporaries, nothing worth keeping.
+                    shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                self._quarantine(entry, "metadata.json is missing")
+                continue
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                self._quarantine(entry, f"metadata.json is unreadable or invalid: {exc}")
+                continue
+            remove_stale_temporaries(entry)
+            records.append(record)
         return records
+
+    def _quarantine(self, folder: Path, reason: str) -> None:
+        try:
+            moved = quarantine(self.paths, "images", folder, reason)
+        except OSError as exc:
+            # Left where it is (and not loaded): the next start tries again.
+            _log.error("could not quarantine image folder %s (%s): %s", folder, reason, exc)
+            return
+        _log.warning("quarantined image folder %s to %s: %s", folder, moved, reason)
 
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.paths.image_dir(digest), ignore_errors=True)
@@ -102,3 +128,18 @@ class RecordStore:
             except OSError:
                 continue
         return tags
+
+
+def _only_temporaries(folder: Path) -> bool:
+    """Whether ``folder`` is empty or holds only regular ``.*.tmp`` files."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    return all(
+        entry.name.startswith(".")
+        and entry.name.endswith(".tmp")
+        and entry.is_file()
+        and not entry.is_symlink()
+        for entry in entries
+    )

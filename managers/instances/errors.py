@@ -1,56 +1,77 @@
 """The instances error tree.
 
-::
+Each class's ``code`` (a :class:`~managers.errors.DomainError` attribute) is the error code the
+API returns; a class without one of its own answers with its parent's::
 
-    InstanceError
-    ├── InvalidInstanceSpec   the request cannot describe a VM (bad name, sizes, overrides)
-    ├── InstanceNotFound      no instance has that id or name
-    ├── InstanceExists        the name is taken
-    ├── ImageNotReady         the image is still building, or failed
-    │   └── ImageMissing      the image is not known here
-    ├── WrongInstanceState    the action is not allowed in the instance's current state
-    └── ActionFailed          a step of an action failed; ``step`` says which, and what was undone
+    InstanceError              instance_error
+    ├── InvalidInstanceSpec    invalid_instance      the request cannot describe a VM
+    ├── InstanceNotFound       instance_not_found    no instance has that id or name
+    ├── InstanceExists         instance_exists       the name is taken (as a name, or an id)
+    ├── ImageUnusable          image_not_ready       the image is still building, or failed
+    │   └── ImageMissing       image_not_found       the image is not known here
+    ├── WrongInstanceState     wrong_state           not allowed in the current state
+    ├── InstanceQuarantined    instance_quarantined  record unreadable; an operator must look
+    ├── RecordInvalid                                a stored record does not parse
+    └── ActionFailed           action_failed         a step of an action failed; see ``step``
+
+``details`` names what the message is about (the instance, the image, the current state and
+the states that would allow the action, …). Recovery quarantines the folder of a record that
+raises ``RecordInvalid``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from managers.errors import DomainError
 
 
-class InstanceError(Exception):
-    """Base of every error raised by ``managers.instances``."""
+class InstanceError(DomainError):
+    """Base of every error raised by ``managers.instances``; built from a message and details."""
 
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details or {}
+    code = "instance_error"
 
 
 class InvalidInstanceSpec(InstanceError):
-    pass
+    code = "invalid_instance"
 
 
 class InstanceNotFound(InstanceError):
+    code = "instance_not_found"
+
     def __init__(self, key: str) -> None:
         super().__init__(f"no instance with id or name {key!r}", {"instance": key})
 
 
 class InstanceExists(InstanceError):
-    def __init__(self, name: str, existing_id: str) -> None:
-        super().__init__(
-            f"an instance named {name!r} already exists", {"name": name, "id": existing_id}
+    code = "instance_exists"
+
+    def __init__(self, name: str, existing_id: str, *, is_id: bool = False) -> None:
+        message = (
+            f"{name!r} is the id of an existing instance, so it cannot be a name"
+            if is_id
+            else f"an instance named {name!r} already exists"
         )
+        super().__init__(message, {"name": name, "id": existing_id})
 
 
-class ImageNotReady(InstanceError):
-    pass
+class ImageUnusable(InstanceError):
+    """The image exists but cannot back an instance yet: still building, or failed.
+
+    Named apart from ``managers.images.errors.ImageNotReady``, which the image manager raises;
+    this is what instances make of it.
+    """
+
+    code = "image_not_ready"
 
 
-class ImageMissing(ImageNotReady):
+class ImageMissing(ImageUnusable):
     """The image is not known on this node at all."""
+
+    code = "image_not_found"
 
 
 class WrongInstanceState(InstanceError):
+    code = "wrong_state"
+
     def __init__(self, instance_id: str, action: str, state: str, allowed: list[str]) -> None:
         super().__init__(
             f"cannot {action} instance {instance_id}: it is {state}",
@@ -59,7 +80,25 @@ class WrongInstanceState(InstanceError):
         self.state = state
 
 
+class InstanceQuarantined(InstanceError):
+    code = "instance_quarantined"
+
+    def __init__(self, instance_id: str, path: str, reason: str) -> None:
+        super().__init__(
+            f"instance {instance_id} was quarantined because its record could not be read "
+            f"({reason}); its folder, disks included, is at {path}: inspect it, and remove "
+            "it by hand when nothing in it is needed",
+            {"id": instance_id, "path": path, "reason": reason},
+        )
+
+
+class RecordInvalid(InstanceError):
+    """A ``metadata.json`` that does not describe an instance."""
+
+
 class ActionFailed(InstanceError):
+    code = "action_failed"
+
     def __init__(self, instance_id: str, action: str, step: str, cause: Exception) -> None:
         super().__init__(
             f"{action} of instance {instance_id} failed at step {step!r}: {cause}",

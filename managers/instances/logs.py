@@ -110,7 +110,7 @@ class SegmentedLog:
         ):
             current = _Segment(current.start + size, self._path(current.start + size))
             segments.append(current)
-        with current.path.open("ab") as handle:
+        with open(current.path, "ab", opener=_private) as handle:
             handle.write(data)
         for old in segments[: -self.keep]:
             old.path.unlink(missing_ok=True)
@@ -215,3 +215,8 @@ def _ends_with_newline(path: Path) -> bool:
             return handle.read(1) == b"\n"
     except OSError:
         return True
+
+
+def _private(path: str, flags: int) -> int:
+    """Open a new segment readable by root alone: the guest's output is guest data."""
+    return os.open(path, flags, 0o600)

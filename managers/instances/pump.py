@@ -25,7 +25,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ import anyio
 import anyio.lowlevel
 
 from managers.atomic import write_json_atomic
+from managers.clock import now_iso
 from managers.guest import MarkerKind, parse_marker
 from managers.instances.logs import SegmentedLog
 from managers.instances.types import GuestStatus
@@ -63,10 +63,6 @@ def punch_hole(path: Path, start: int, end: int) -> bool:
         os.close(fd)
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class _Source:
     def __init__(self, raw: Path, target: SegmentedLog) -> None:
         self.raw = raw
@@ -83,16 +79,20 @@ class _Source:
         self.inode = int(data.get("inode", 0))
         self.offset = int(data.get("offset", 0))
 
+    def reset(self, inode: int = -1) -> None:
+        """Read the file from its start; -1 matches no file, so the next one is new."""
+        self.inode = inode
+        self.offset = 0
+        self.partial = b""
+        self.punched = 0
+
     def read_new(self) -> bytes:
         try:
             stat = os.stat(self.raw)
         except FileNotFoundError:
             return b""
         if stat.st_ino != self.inode or stat.st_size < self.offset:
-            self.inode = stat.st_ino
-            self.offset = 0
-            self.partial = b""
-            self.punched = 0
+            self.reset(stat.st_ino)
         if stat.st_size == self.offset:
             return b""
         with self.raw.open("rb") as handle:
@@ -151,8 +151,18 @@ class LogPump:
         status = self.status
         return status.program_started_at is None and status.exited_at is None
 
+    def new_serial(self) -> None:
+        """The serial file was removed and a new VMM will write a new one: read it from 0.
+
+        Its inode cannot tell them apart: a new file often gets the number the removed one had,
+        and a new boot's output the same length as the old would then never be read.
+        """
+        with self._lock:
+            self._serial.reset()
+            self._save()
+
     def new_boot(self) -> GuestStatus:
-        """A new VMM is about to write the serial file from its start: forget the old boot."""
+        """The guest is about to boot again (a new VMM, or a reboot): forget the old boot."""
         with self._lock:
             self.status = GuestStatus(boot=self.status.boot + 1)
             write_json_atomic(self._status_file, self.status.to_dict())
@@ -311,8 +321,9 @@ class PumpSet:
 
 
 def read_status(path: Path) -> GuestStatus:
+    """The guest status of the current boot; a damaged file only forgets it (logs stay)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return GuestStatus.from_dict(data) if isinstance(data, dict) else GuestStatus()
+    except (OSError, ValueError, TypeError):
         return GuestStatus()
-    return GuestStatus.from_dict(data) if isinstance(data, dict) else GuestStatus()

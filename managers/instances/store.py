@@ -1,62 +1,107 @@
-"""Instance metadata on disk: one ``metadata.json`` per instance folder, written atomically.
+"""Instance records on disk: one ``metadata.json`` per instance folder, written atomically.
 
-A folder without a readable ``metadata.json`` is a create that crashed before it
-finished; :meth:`InstanceStore.half_made` lists those for start-up to remove.
+:meth:`InstanceStore.scan` sorts every folder into readable records, folders that hold
+nothing but what a crash inside the first record write leaves (removable), and folders
+whose record cannot be read (recovery quarantines those; nothing here deletes them). All
+methods touch the disk: call them in a worker thread.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from managers.atomic import write_json_atomic
+from managers.atomic import fsync_dir, write_json_atomic
+from managers.instances.errors import RecordInvalid
+from managers.instances.types import InstanceRecord
 from managers.paths import Paths
 
-_REQUIRED = ("id", "name", "image", "hypervisor", "network")
+
+@dataclass(slots=True)
+class Scan:
+    """What start-up found under ``instances/``."""
+
+    records: list[InstanceRecord] = field(default_factory=list)
+    # folder name -> why its record cannot be used
+    unreadable: dict[str, str] = field(default_factory=dict)
+    # folders with no record and nothing but temporaries: a create killed in its first write
+    unborn: list[str] = field(default_factory=list)
 
 
 class InstanceStore:
     def __init__(self, paths: Paths) -> None:
         self._paths = paths
 
-    def load(self, instance_id: str) -> dict[str, Any] | None:
-        if not instance_id or "/" in instance_id or instance_id.startswith("."):
-            return None
-        try:
-            data = json.loads(self._paths.instance_metadata(instance_id).read_bytes())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or any(key not in data for key in _REQUIRED):
-            return None
-        return data
+    def scan(self) -> Scan:
+        """Read every instance folder once (start-up)."""
+        found = Scan()
+        for name in self._folders():
+            try:
+                found.records.append(self._read(name))
+            except FileNotFoundError:
+                if _only_temporaries(self._paths.instance_dir(name)):
+                    found.unborn.append(name)
+                else:
+                    found.unreadable[name] = "metadata.json is missing"
+            except (OSError, ValueError, RecordInvalid) as error:
+                found.unreadable[name] = f"metadata.json is unreadable or invalid: {error}"
+        return found
 
-    def load_all(self) -> list[dict[str, Any]]:
-        records = []
-        for instance_id in self._ids():
-            record = self.load(instance_id)
-            if record is not None:
-                records.append(record)
-        return records
+    def create_folder(self, instance_id: str) -> None:
+        """The folder and its ``logs/``, private to root, made durable before the first record."""
+        folder = self._paths.instance_dir(instance_id)
+        folder.mkdir(mode=0o700)
+        self._paths.instance_logs(instance_id).mkdir(mode=0o700)
+        fsync_dir(folder.parent)
 
-    def half_made(self) -> list[str]:
-        return [i for i in self._ids() if self.load(i) is None]
-
-    def save(self, record: dict[str, Any]) -> None:
-        write_json_atomic(self._paths.instance_metadata(record["id"]), record)
+    def save(self, record: InstanceRecord) -> None:
+        write_json_atomic(self._paths.instance_metadata(record.id), record.to_json())
 
     def remove(self, instance_id: str) -> None:
-        # The metadata goes first: a crash mid-removal then leaves a half-made
-        # folder that the next start-up finishes removing.
+        """Remove an instance whose removal is decided (delete, or a create rolled back).
+
+        The record goes first: a crash mid-removal leaves a folder with no record, which the
+        next start quarantines rather than guesses about, so nothing is lost either way.
+        """
         self._paths.instance_metadata(instance_id).unlink(missing_ok=True)
         shutil.rmtree(self._paths.instance_dir(instance_id), ignore_errors=True)
 
-    def _ids(self) -> list[str]:
+    def remove_unborn(self, instance_id: str) -> None:
+        shutil.rmtree(self._paths.instance_dir(instance_id), ignore_errors=True)
+
+    def _read(self, name: str) -> InstanceRecord:
+        data = json.loads(self._paths.instance_metadata(name).read_bytes())
+        record = InstanceRecord.from_json(data)
+        if record.id != name:
+            raise RecordInvalid(f"the record names instance {record.id!r}")
+        return record
+
+    def _folders(self) -> list[str]:
         try:
-            return sorted(
-                entry.name
-                for entry in self._paths.instances.iterdir()
-                if entry.is_dir() and not entry.name.startswith(".")
-            )
+            entries = list(os.scandir(self._paths.instances))
         except FileNotFoundError:
             return []
+        return sorted(
+            entry.name
+            for entry in entries
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+        )
+
+
+def _only_temporaries(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but an empty ``logs/`` and ``.*.tmp`` files."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.name == "logs" and entry.is_dir() and not entry.is_symlink():
+            if any(entry.iterdir()):
+                return False
+            continue
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file()):
+            return False
+    return True

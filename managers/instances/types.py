@@ -1,14 +1,14 @@
-"""Value types of the instances subsystem."""
+"""Value types of the instances subsystem: requests, the stored record, and what callers see."""
 
 from __future__ import annotations
 
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from managers.instances.errors import InvalidInstanceSpec
+from managers.instances.errors import InvalidInstanceSpec, RecordInvalid
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -28,6 +28,30 @@ class InstanceState(enum.StrEnum):
     UNKNOWN = "Unknown"
 
 
+class RestartPolicy(enum.StrEnum):
+    """What happens when the program exits: Docker's names and meanings."""
+
+    NO = "no"
+    ON_FAILURE = "on-failure"  # a non-zero exit, or the guest could not run the program
+    ALWAYS = "always"
+
+
+_WHOLE_FIELDS = frozenset({"vcpus", "memory_mb", "memory_max_mb", "overlay_size_mb"})
+_CREATE_FIELDS = _WHOLE_FIELDS | {
+    "name",
+    "image",
+    "env",
+    "entrypoint",
+    "cmd",
+    "workdir",
+    "network",
+    "hypervisor",
+    "start",
+    "restart_policy",
+    "keep_on_exit",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CreateRequest:
     name: str
@@ -43,6 +67,67 @@ class CreateRequest:
     network: bool = False
     hypervisor: str | None = None
     start: bool = True
+    restart_policy: RestartPolicy = RestartPolicy.NO
+    keep_on_exit: bool = False
+
+    @classmethod
+    def from_json(cls, data: object) -> CreateRequest:
+        """Build a request from a decoded JSON body, refusing any field of the wrong type.
+
+        The edge's contract check refuses the same bodies first when it is on; this keeps
+        a bad body a 400 (``InvalidInstanceSpec``), never a 500, when it is off.
+        """
+        if not isinstance(data, dict):
+            raise InvalidInstanceSpec("the body must be a JSON object")
+        unknown = sorted(set(data) - _CREATE_FIELDS)
+        if unknown:
+            raise InvalidInstanceSpec(f"unknown fields: {', '.join(unknown)}", {"fields": unknown})
+        problems: list[str] = []
+        fields: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "network":
+                enabled = value.get("enabled", False) if isinstance(value, dict) else None
+                if not isinstance(enabled, bool) or set(value) - {"enabled"}:
+                    problems.append('network must be {"enabled": true|false}')
+                fields[key] = enabled
+            elif key in ("entrypoint", "cmd"):
+                if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                    problems.append(f"{key} must be a list of strings")
+                else:
+                    fields[key] = tuple(value)
+            elif key == "env":
+                if not isinstance(value, dict) or not all(
+                    isinstance(v, str) for v in value.values()
+                ):
+                    problems.append("env must map names to strings")
+                else:
+                    fields[key] = dict(value)
+            elif key in _WHOLE_FIELDS:
+                # JSON's 1.0 and true are no vCPU count; a VMM needs a true int.
+                if type(value) is not int and not (key == "memory_max_mb" and value is None):
+                    problems.append(f"{key} must be a whole number, not {value!r}")
+                fields[key] = value
+            elif key in ("start", "keep_on_exit"):
+                if not isinstance(value, bool):
+                    problems.append(f"{key} must be true or false")
+                fields[key] = value
+            elif key == "restart_policy":
+                if value not in tuple(RestartPolicy):
+                    problems.append(f"restart_policy must be one of {', '.join(RestartPolicy)}")
+                else:
+                    fields[key] = RestartPolicy(value)
+            elif key in ("workdir", "hypervisor") and value is None:
+                fields[key] = None
+            elif not isinstance(value, str):
+                problems.append(f"{key} must be a string")
+            else:
+                fields[key] = value
+        for required in ("name", "image"):
+            if required not in data:
+                problems.append(f"{required} is required")
+        if problems:
+            raise InvalidInstanceSpec("; ".join(problems), {"problems": problems})
+        return cls(**fields)
 
     def check(self) -> None:
         """Reject what no VM could be made of, before anything is touched."""
@@ -70,6 +155,8 @@ class CreateRequest:
                 problems.append(f"{label} contains a NUL byte")
         if self.workdir is not None and not self.workdir.startswith("/"):
             problems.append("workdir must be an absolute path")
+        if self.workdir is not None and "\0" in self.workdir:
+            problems.append("workdir contains a NUL byte")
         if problems:
             raise InvalidInstanceSpec("; ".join(problems), {"problems": problems})
 
@@ -104,19 +191,257 @@ class GuestStatus:
         )
 
 
+SCHEMA_VERSION = 2
+
+
+class IntentKind(enum.StrEnum):
+    """An operation whose effects a crash may leave half made (see recovery.py)."""
+
+    CREATE = "create"
+    START = "start"
+    STOP = "stop"
+    STANDBY = "standby"
+    RESTORE = "restore"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """Written to the record before an operation's first external effect, cleared after its last."""
+
+    action: IntentKind
+    at: str
+    # standby only: the VM was already paused, so undoing the standby must not resume it.
+    was_paused: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action.value, "at": self.at, "was_paused": self.was_paused}
+
+    @classmethod
+    def from_json(cls, data: object) -> Intent:
+        fields = _object(data, "intent")
+        return cls(
+            action=IntentKind(_text(fields, "action")),
+            at=_text(fields, "at"),
+            was_paused=_flag(fields, "was_paused", False),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """The image an instance was made from, pinned by digest, and its disk."""
+
+    name: str
+    digest: str
+    format: str
+    disk: str
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRecord:
+    """The instance's place on the node network; ``address`` and ``mac`` once allocated."""
+
+    enabled: bool
+    address: str | None = None
+    mac: str | None = None
+    tap: str | None = None
+    gateway: str | None = None
+    dns: str | None = None
+
+    def allocation(self) -> dict[str, str]:
+        """The allocation as the network manager reads it back."""
+        return {"address": self.address or "", "mac": self.mac or ""}
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What ``metadata.json`` holds: everything about an instance that is not derived."""
+
+    id: str
+    name: str
+    created_at: str
+    image: ImageRef
+    hypervisor: str
+    vcpus: int
+    memory_mb: int
+    memory_max_mb: int | None
+    overlay_size_mb: int
+    env: Mapping[str, str]
+    entrypoint: tuple[str, ...] | None
+    cmd: tuple[str, ...] | None
+    workdir: str | None
+    network: NetworkRecord
+    booted: bool = False
+    intent: Intent | None = None
+    restart_policy: RestartPolicy = RestartPolicy.NO
+    keep_on_exit: bool = False
+
+    def evolve(self, **changes: Any) -> InstanceRecord:
+        """A copy with ``changes``; records are never changed in place."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        network = self.network
+        return {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "name": self.name,
+            "created_at": self.created_at,
+            "image": {
+                "name": self.image.name,
+                "digest": self.image.digest,
+                "format": self.image.format,
+                "disk": self.image.disk,
+            },
+            "hypervisor": self.hypervisor,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "memory_max_mb": self.memory_max_mb,
+            "overlay_size_mb": self.overlay_size_mb,
+            "env": dict(self.env),
+            "entrypoint": list(self.entrypoint) if self.entrypoint is not None else None,
+            "cmd": list(self.cmd) if self.cmd is not None else None,
+            "workdir": self.workdir,
+            "network": {
+                "enabled": network.enabled,
+                "address": network.address,
+                "mac": network.mac,
+                "tap": network.tap,
+                "gateway": network.gateway,
+                "dns": network.dns,
+            },
+            "booted": self.booted,
+            "intent": self.intent.to_json() if self.intent is not None else None,
+            "restart_policy": self.restart_policy.value,
+            "keep_on_exit": self.keep_on_exit,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> InstanceRecord:
+        """Parse a stored record; anything malformed is a :class:`RecordInvalid`.
+
+        Schema 1 (before intents) had the same fields less ``schema``, ``intent``,
+        ``restart_policy`` and ``keep_on_exit``; the missing ones take their defaults.
+        """
+        try:
+            return cls._parse(data)
+        except RecordInvalid:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise RecordInvalid(f"malformed instance record: {error}") from error
+
+    @classmethod
+    def _parse(cls, data: object) -> InstanceRecord:
+        fields = _object(data, "record")
+        schema = fields.get("schema", 1)
+        if schema not in (1, SCHEMA_VERSION):
+            raise RecordInvalid(f"unknown instance record schema {schema!r}")
+        image = _object(fields["image"], "image")
+        network = _object(fields["network"], "network")
+        env = _object(fields.get("env", {}), "env")
+        intent = fields.get("intent")
+        return cls(
+            id=_text(fields, "id"),
+            name=_text(fields, "name"),
+            created_at=_text(fields, "created_at"),
+            image=ImageRef(
+                name=_text(image, "name"),
+                digest=_text(image, "digest"),
+                format=_text(image, "format"),
+                disk=_text(image, "disk"),
+            ),
+            hypervisor=_text(fields, "hypervisor"),
+            vcpus=_whole(fields, "vcpus"),
+            memory_mb=_whole(fields, "memory_mb"),
+            memory_max_mb=_whole_or_none(fields, "memory_max_mb"),
+            overlay_size_mb=_whole(fields, "overlay_size_mb"),
+            env={str(k): _string(v, f"env {k}") for k, v in env.items()},
+            entrypoint=_argv(fields.get("entrypoint"), "entrypoint"),
+            cmd=_argv(fields.get("cmd"), "cmd"),
+            workdir=_text_or_none(fields, "workdir"),
+            network=NetworkRecord(
+                enabled=_flag(network, "enabled", False),
+                address=_text_or_none(network, "address"),
+                mac=_text_or_none(network, "mac"),
+                tap=_text_or_none(network, "tap"),
+                gateway=_text_or_none(network, "gateway"),
+                dns=_text_or_none(network, "dns"),
+            ),
+            booted=_flag(fields, "booted", False),
+            intent=Intent.from_json(intent) if intent is not None else None,
+            restart_policy=RestartPolicy(fields.get("restart_policy", RestartPolicy.NO.value)),
+            keep_on_exit=_flag(fields, "keep_on_exit", False),
+        )
+
+
+def _object(value: object, label: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RecordInvalid(f"{label} must be an object")
+    return value
+
+
+def _string(value: object, label: str) -> str:
+    if not isinstance(value, str):
+        raise RecordInvalid(f"{label} must be a string")
+    return value
+
+
+def _text(fields: Mapping[str, Any], key: str) -> str:
+    return _string(fields.get(key), key)
+
+
+def _text_or_none(fields: Mapping[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    return None if value is None else _string(value, key)
+
+
+def _whole(fields: Mapping[str, Any], key: str) -> int:
+    value = fields.get(key)
+    if type(value) is not int:
+        raise RecordInvalid(f"{key} must be an integer")
+    return value
+
+
+def _whole_or_none(fields: Mapping[str, Any], key: str) -> int | None:
+    return None if fields.get(key) is None else _whole(fields, key)
+
+
+def _flag(fields: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = fields.get(key, default)
+    if not isinstance(value, bool):
+        raise RecordInvalid(f"{key} must be true or false")
+    return value
+
+
+def _argv(value: object, label: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise RecordInvalid(f"{label} must be a list")
+    return tuple(_string(item, label) for item in value)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineInfo:
+    """Where an unreadable instance folder was moved, and why."""
+
+    path: str
+    reason: str
+    quarantined_at: str
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """An instance as callers see it: its stored record plus the derived state."""
+    """An instance as callers see it: its stored record plus the derived state.
 
-    record: dict[str, Any]
+    A quarantined instance has no record, only ``quarantine``; it reads ``Unknown``.
+    """
+
+    id: str
+    name: str | None
     state: InstanceState
     guest: GuestStatus
+    record: InstanceRecord | None
     pid: int | None = None
-
-    @property
-    def id(self) -> str:
-        return str(self.record["id"])
-
-    @property
-    def name(self) -> str:
-        return str(self.record["name"])
+    quarantine: QuarantineInfo | None = None
+    restarts: int = 0

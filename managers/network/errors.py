@@ -1,12 +1,14 @@
 """The network subsystem's exception tree.
 
 Everything raised on purpose by :mod:`managers.network` is a :class:`NetworkError`, so the service
-edge can map the whole family to HTTP in one place::
+edge can map the whole family to HTTP in one place. Each class's ``code`` (a
+:class:`~managers.errors.DomainError` attribute) is the error code the API returns; a class
+without one of its own answers with its parent's, ``network_error``::
 
     NetworkError
     ├── NetworkConfigError   bad settings (bridge name, subnet, gateway, DNS, flags)
     ├── BridgeConflict       an existing link named like our bridge is not ours to adopt
-    ├── AddressExhausted     no free address left in the subnet
+    ├── AddressExhausted     no free address left in the subnet (addresses_exhausted)
     ├── InvalidAllocation    an allocation that does not fit the configured subnet
     ├── TapError             creating, attaching or deleting a TAP device failed
     ├── NatError             installing or removing the outbound NAT rules failed
@@ -15,9 +17,13 @@ edge can map the whole family to HTTP in one place::
 
 from __future__ import annotations
 
+from managers.errors import DomainError
 
-class NetworkError(Exception):
+
+class NetworkError(DomainError):
     """Base of every error raised on purpose by the network manager."""
+
+    code = "network_error"
 
 
 class NetworkConfigError(NetworkError):
@@ -33,6 +39,8 @@ class BridgeConflict(NetworkError):
 
 class AddressExhausted(NetworkError):
     """Every usable address of the subnet is taken or reserved."""
+
+    code = "addresses_exhausted"
 
 
 class InvalidAllocation(NetworkError):

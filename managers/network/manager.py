@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 
 from managers.network import nat
 from managers.network.addressing import mac_for, reserved_addresses, tap_name
@@ -101,6 +102,10 @@ class NetworkManager:
     async def delete_tap(self, instance_id: str) -> None:
         """Remove the instance's TAP; doing so when it is already gone is not an error."""
         await self._links.delete(tap_name(instance_id))
+
+    def bridge_exists(self) -> bool:
+        """Whether the host bridge is there already (made by an earlier run)."""
+        return Path("/sys/class/net", self._settings.bridge_name, "bridge").is_dir()
 
     def guest_network(self, allocation: Allocation) -> GuestNetwork:
         """What the guest's init configures, to be written to the instance's config disk."""

@@ -192,7 +192,7 @@ def wait_count_above(client: httpx.Client, instance_id: str, floor: int) -> int:
         time.sleep(0.1)
 
 
-def test_program_exit_code_is_reported(live: Live) -> None:
+def test_program_exit_releases_the_vmm_and_keeps_the_exit_code(live: Live) -> None:
     client = live.client
     response = client.post(
         "/instances",
@@ -204,14 +204,72 @@ def test_program_exit_code_is_reported(live: Live) -> None:
     )
     assert response.status_code == 201, response.text
     instance_id = response.json()["id"]
+    pid = response.json()["pid"]
+    instance = wait_state(client, instance_id, "Stopped")
+    assert instance["exit_code"] == 7
+    assert instance["pid"] is None
+    assert gone(pid), "the VMM, and the guest memory it holds, is released"
+    body = client.get(f"/instances/{instance_id}/logs").text
+    assert "data: bye" in body
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
+
+
+def test_keep_on_exit_keeps_the_vmm(live: Live) -> None:
+    client = live.client
+    response = client.post(
+        "/instances",
+        json={
+            "name": "keeper",
+            "image": live.source.image,
+            "entrypoint": ["/bin/sh", "-c", "exit 3"],
+            "keep_on_exit": True,
+        },
+    )
+    assert response.status_code == 201, response.text
+    instance_id = response.json()["id"]
     deadline = time.monotonic() + BOUND
+    # The VMM may report the guest off a moment before its exit marker is read.
     while (instance := client.get(f"/instances/{instance_id}").json())["exit_code"] is None:
         assert time.monotonic() < deadline, instance
         time.sleep(0.1)
-    assert instance["exit_code"] == 7
-    assert instance["state"] in ("Shutdown", "Stopped")
-    body = client.get(f"/instances/{instance_id}/logs").text
-    assert "data: bye" in body
+    assert instance["exit_code"] == 3
+    assert instance["state"] == "Shutdown"
+    assert instance["keep_on_exit"] is True
+    time.sleep(1.0)  # longer than the supervisor's tick: it must still be there
+    instance = client.get(f"/instances/{instance_id}").json()
+    assert instance["state"] == "Shutdown"
+    assert pid_alive(int(str(instance["pid"])))
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
+
+
+def test_on_failure_restarts_until_the_program_succeeds(live: Live) -> None:
+    client = live.client
+    # The overlay outlives a restart: the first run fails, the second finds its mark and succeeds.
+    script = "if [ -e /app/ran ]; then echo second; exit 0; fi; touch /app/ran; echo first; exit 1"
+    response = client.post(
+        "/instances",
+        json={
+            "name": "flaky",
+            "image": live.source.image,
+            "entrypoint": ["/bin/sh", "-c", script],
+            "restart_policy": "on-failure",
+        },
+    )
+    assert response.status_code == 201, response.text
+    instance_id = response.json()["id"]
+    deadline = time.monotonic() + BOUND
+    while True:
+        instance = client.get(f"/instances/{instance_id}").json()
+        if instance["state"] == "Stopped" and instance["exit_code"] == 0:
+            break
+        assert time.monotonic() < deadline, instance
+        time.sleep(0.1)
+    assert instance["restarts"] == 1
+    assert instance["restart_policy"] == "on-failure"
+    time.sleep(1.5)  # past the first back-off: a success is not restarted
+    assert client.get(f"/instances/{instance_id}").json()["restarts"] == 1
+    lines = client.get(f"/instances/{instance_id}/logs").text
+    assert lines.index("data: first") < lines.index("data: second")
     assert client.delete(f"/instances/{instance_id}").status_code == 204
 
 

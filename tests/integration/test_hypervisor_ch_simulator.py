@@ -89,6 +89,7 @@ async def test_v53_differences_from_the_yaml(harness: Harness, tmp_path: Path) -
         assert ping["version"].startswith("53.")
         shutdown = await client.put("vmm.shutdown")
         assert shutdown.status_code == 200
+    assert isinstance(vmm, ChVmm)
     assert await vmm.process.wait_exit(10)
 
 

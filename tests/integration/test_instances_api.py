@@ -330,11 +330,74 @@ def test_restart_keeps_running_and_standby_instances(source: Source, tmp_path: P
     assert gone(pid)
 
 
-def test_a_half_made_instance_is_removed_at_start_up(source: Source, tmp_path: Path) -> None:
+def test_an_unreadable_instance_is_quarantined_not_deleted(source: Source, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    leftover = data_dir / "instances" / "0123456789ab"
-    (leftover / "logs").mkdir(parents=True)
-    (leftover / "overlay.raw").write_bytes(b"half")
+    unborn = data_dir / "instances" / "fedcba987654"  # killed inside its first record write
+    (unborn / "logs").mkdir(parents=True)
+    (unborn / ".metadata.json.x1y2.tmp").write_bytes(b'{"id": "fedc')
+    damaged = data_dir / "instances" / "0123456789ab"
+    (damaged / "logs").mkdir(parents=True)
+    (damaged / "overlay.raw").write_bytes(b"guest data")
+    (damaged / "metadata.json").write_bytes(b'{"id": "0123456789ab", "na')
     with run_server(data_dir, source.env) as server:
+        listed = httpx.get(f"{server.url}/instances").json()
+        assert [item["id"] for item in listed] == ["0123456789ab"]
+        (item,) = listed
+        assert item["state"] == "Unknown"
+        assert item["name"] is None
+        assert item["image"] is None
+        quarantine = item["quarantine"]
+        assert "unreadable" in quarantine["reason"]
+        moved = Path(quarantine["path"])
+        assert moved.parent == data_dir / "quarantine" / "instances"
+        assert (moved / "overlay.raw").read_bytes() == b"guest data"
+        assert httpx.get(f"{server.url}/instances/0123456789ab").json() == item
+        refused = httpx.delete(f"{server.url}/instances/0123456789ab")
+        assert refused.status_code == 409
+        assert refused.json()["code"] == "instance_quarantined"
+        assert str(moved) in refused.json()["message"]
+        # The operator removes it by hand; from then on it is not listed.
+        for child in sorted(moved.rglob("*"), reverse=True):
+            child.rmdir() if child.is_dir() else child.unlink()
+        moved.rmdir()
         assert httpx.get(f"{server.url}/instances").json() == []
-    assert not leftover.exists()
+    assert not unborn.exists()
+    assert not damaged.exists()
+
+
+def test_a_name_never_shadows_an_id(world: World) -> None:
+    client = world.client
+    first = client.post(
+        "/instances", json={"name": "shadowed", "image": world.image, "start": False}
+    ).json()
+    refused = client.post(
+        "/instances", json={"name": first["id"], "image": world.image, "start": False}
+    )
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "instance_exists"
+    assert client.get(f"/instances/{first['id']}").json()["name"] == "shadowed"
+    assert client.delete(f"/instances/{first['id']}").status_code == 204
+
+
+def test_guest_data_is_readable_by_root_alone(world: World) -> None:
+    client = world.client
+    created = client.post("/instances", json={"name": "private", "image": world.image}).json()
+    folder = world.data_dir / "instances" / created["id"]
+    try:
+        socket_mode = (folder / "vmm.sock").stat().st_mode & 0o777
+        assert client.post(f"/instances/{created['id']}/standby").status_code == 200
+        assert world.data_dir.stat().st_mode & 0o777 == 0o700
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert socket_mode == 0o600
+        files = [path for path in folder.rglob("*") if path.is_file()]
+        names = {path.name for path in files}
+        assert {"overlay.raw", "config.img", "metadata.json"} <= names
+        assert any(path.parent.name == "standby" for path in files)
+        assert any(path.parent.name == "logs" for path in files)
+        loose = {str(path): oct(path.stat().st_mode & 0o777) for path in files}
+        assert {path: mode for path, mode in loose.items() if mode != "0o600"} == {}
+        for path in folder.rglob("*"):
+            if path.is_dir():
+                assert path.stat().st_mode & 0o077 == 0, path
+    finally:
+        assert client.delete(f"/instances/{created['id']}").status_code == 204

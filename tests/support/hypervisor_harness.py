@@ -32,9 +32,11 @@ from managers.hypervisors import (
 from managers.hypervisors.accel import probe_acceleration
 from managers.hypervisors.process import proc_start_time
 
+from .ch_simulator import WRAPPER
+from .ch_simulator.spec import require_spec
 from .hypervisor_guest import TICK_MARKER, UP_MARKER, GuestKit
 
-SIMULATOR_BIN = Path(__file__).parent / "ch_simulator" / "cloud-hypervisor"
+SIMULATOR_BIN = WRAPPER
 GUEST_WAIT = 120.0
 
 
@@ -149,6 +151,7 @@ async def harness_for(
     if name == "qemu":
         harness = qemu_harness(guest)
     elif name == "ch-simulator":
+        require_spec()
         violations = tmp / "ch-simulator-violations.jsonl"
         monkeypatch.setenv("CH_SIMULATOR_VIOLATIONS", str(violations))
         monkeypatch.setenv("CH_SIMULATOR_PYTHON", sys.executable)

@@ -22,6 +22,8 @@ import anyio
 import httpx
 
 from managers.hypervisors import terminate_recorded
+from tests.support.ch_simulator import WRAPPER as SIMULATOR
+from tests.support.ch_simulator.spec import require_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +77,9 @@ def run_server(
     ``data_dir`` is ended (by its recorded pid). ``keep_vmms`` spares them when the
     block ends normally, for a test that starts a second server on the same data;
     when the block fails they are ended all the same.
+
+    A server whose ``CLOUD_HYPERVISOR_BIN`` is the Cloud Hypervisor simulator skips the
+    test when the simulator's reference spec is absent (a plain clone).
     """
     port = free_port()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,9 @@ def run_server(
     if uds is not None:
         full_env["LISTEN_SOCKET"] = str(uds)
     full_env.update(env or {})
+    binary = full_env.get("CLOUD_HYPERVISOR_BIN")
+    if binary and Path(binary).resolve() == SIMULATOR:
+        require_spec(full_env)
     prefix = ["ip", "netns", "exec", netns] if netns else []
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

@@ -100,10 +100,10 @@ def _of_type(kind: str, schema: Any) -> st.SearchStrategy[Any]:
         return st.booleans()
     if kind in ("integer", "number"):
         low, high = schema.get("minimum"), schema.get("maximum")
-        numbers = st.integers(low, high)
+        integers = st.integers(low, high)
         if kind == "number":
-            numbers |= st.floats(low, high, allow_nan=False, allow_infinity=False)
-        return numbers
+            return integers | st.floats(low, high, allow_nan=False, allow_infinity=False)
+        return integers
     if kind == "string":
         if schema.get("format") == "date-time":
             return st.datetimes(timezones=st.just(UTC)).map(datetime.isoformat)

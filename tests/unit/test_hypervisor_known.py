@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from managers.hypervisors import known
 from managers.hypervisors.known import MAX_AGE, KnownState
 from managers.hypervisors.types import VmState
 
@@ -12,7 +13,7 @@ from managers.hypervisors.types import VmState
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
-    monkeypatch.setattr(known.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     return now
 
 

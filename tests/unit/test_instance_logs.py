@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 import anyio
@@ -93,6 +93,7 @@ async def test_follow_yields_new_lines(tmp_path: Path) -> None:
     log = SegmentedLog(tmp_path, "app")
     log.append(b"first\n")
     batches = log.follow(0, poll_seconds=0.01)
+    assert isinstance(batches, AsyncGenerator)
     assert lines_text(await anext(batches)) == [b"first"]
     log.append(b"second\n")
     got: list[bytes] = []
@@ -127,6 +128,32 @@ def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) ->
     lines, _ = SegmentedLog(logs, "app", keep=100).read_lines(0)
     assert len(lines) == 4097
     assert pump.status.exit_code == 3
+
+
+def test_a_new_serial_file_is_read_from_its_start_even_with_the_old_inode(tmp_path: Path) -> None:
+    raw = tmp_path / "serial.raw"
+    logs = tmp_path / "logs"
+    pump = LogPump(
+        serial_raw=raw,
+        vmm_raw=tmp_path / "vmm.log",
+        app_log=SegmentedLog(logs, "app"),
+        vmm_log=SegmentedLog(logs, "vmm"),
+        state_file=tmp_path / "pump.json",
+        status_file=tmp_path / "guest.json",
+    )
+    raw.write_bytes(b"first boot\n@@dataplane-guest@@ program-exited code=1\n")
+    pump.drain()
+    assert pump.status.exit_code == 1
+    # The next VMM's file, as large as the last one and (as often happens once the old file
+    # is removed) under the same inode number: rewritten in place here, so the number is sure.
+    pump.new_serial()
+    pump.new_boot()
+    with raw.open("r+b") as handle:
+        handle.write(b"again boot\n@@dataplane-guest@@ program-exited code=0\n")
+    pump.drain()
+    assert pump.status.exit_code == 0
+    lines, _ = SegmentedLog(logs, "app").read_lines(0)
+    assert b"again boot" in lines_text(lines)
 
 
 def test_a_line_written_in_pieces_is_never_split_by_rotation(tmp_path: Path) -> None:

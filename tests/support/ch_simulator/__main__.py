@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .spec import ApiSpec, default_spec_path
+from .spec import ApiSpec, default_spec_path, missing_spec_reason
 from .vmm import ApiFailure, SimulatedVmm
 
 _REASONS = {
@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cloud-hypervisor v53.0 (simulator)")
         return 0
     args = parse_args(arguments)
+    missing = missing_spec_reason()
+    if missing is not None:
+        print(f"ch-simulator: {missing}", file=sys.stderr)
+        return 2
     if args.api_socket.exists():
         print(f"Error: API socket {args.api_socket} already exists", file=sys.stderr)
         return 1

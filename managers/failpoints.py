@@ -1,0 +1,52 @@
+"""Named crash points for the fault-injection suite.
+
+``failpoint(name)`` marks a step between two external effects. When the environment
+variable ``DATAPLANE_FAILPOINT`` names that step, the process kills itself with SIGKILL
+there: a real crash, not an exception, so nothing in our code gets to clean up. The
+variable is read once at import; unset (as in every deployment), a failpoint is a set
+lookup that answers no. The suite (``tests/integration/test_fault_injection.py``) starts
+the dataplane with each name in :data:`STEPS` once and checks what restart makes of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STEPS: frozenset[str] = frozenset(
+    {
+        # any VMM start (create, start, restore): recorded, its socket not yet up
+        "vmm.spawned",
+        # instances: create
+        "create.recorded",
+        "create.overlay",
+        "create.tap",
+        "create.booted",
+        # instances: start, stop, delete
+        "start.tap",
+        "start.booted",
+        "stop.shutdown",
+        "delete.recorded",
+        "delete.vmm_stopped",
+        # instances: standby and restore
+        "standby.paused",
+        "standby.snapshot_written",
+        "standby.committed",
+        "restore.tap",
+        "restore.running",
+        # images
+        "image.pulled",
+        "image.unpacked",
+        "image.disk_written",
+    }
+)
+
+_ARMED = os.environ.get("DATAPLANE_FAILPOINT", "")
+
+
+def failpoint(name: str) -> None:
+    """Crash here, with SIGKILL, when the fault-injection suite armed ``name``."""
+    if name not in STEPS:
+        raise ValueError(f"unknown failpoint {name!r}")
+    if name == _ARMED:
+        os.kill(os.getpid(), signal.SIGKILL)

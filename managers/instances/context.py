@@ -1,0 +1,263 @@
+"""What every instance operation shares: the records, live handles, ports and helpers.
+
+The operations (``create.py``, ``actions.py``, ``standby.py``, ``recovery.py``,
+``views.py``) are functions of a :class:`Context`; ``manager.py`` is the public surface
+that resolves names, takes the lock and calls them. Records live in memory, loaded once at
+start-up; the disk is written through on every change, so a read never touches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from managers.guest import GuestArtifacts, kernel_cmdline
+from managers.guest.cmdline import qemu_extra
+from managers.hypervisors import (
+    BackendKind,
+    DiskSpec,
+    HypervisorBackend,
+    NetSpec,
+    Vmm,
+    VmSpec,
+    terminate_recorded,
+)
+from managers.instances.errors import InstanceNotFound, InstanceQuarantined, InvalidInstanceSpec
+from managers.instances.logs import SegmentedLog
+from managers.instances.pump import LogPump, PumpSet
+from managers.instances.store import InstanceStore
+from managers.instances.types import InstanceRecord, QuarantineInfo
+from managers.network import Allocation, GuestNetwork
+from managers.paths import Paths
+
+log = logging.getLogger("managers.instances")
+
+
+class ImageLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def disk_path(self) -> Path | None: ...
+    @property
+    def config(self) -> Any: ...
+
+
+class ImageSource(Protocol):
+    """What instances need of the images subsystem."""
+
+    def acquire(self, name_or_digest: str) -> ImageLike: ...
+
+    def release(self, digest: str) -> None: ...
+
+
+class NetworkPort(Protocol):
+    """What instances need of the network subsystem (``NetworkManager`` is the real one)."""
+
+    def tap_name(self, instance_id: str) -> str: ...
+
+    async def start(self, known_instance_ids: list[str]) -> list[str]: ...
+
+    async def allocate(self, instance_id: str, taken: list[str]) -> Allocation: ...
+
+    async def release(self, instance_id: str) -> None: ...
+
+    async def create_tap(self, instance_id: str, allocation: Allocation) -> str: ...
+
+    async def delete_tap(self, instance_id: str) -> None: ...
+
+    def guest_network(self, allocation: Allocation) -> GuestNetwork: ...
+
+    def bridge_exists(self) -> bool: ...
+
+
+@dataclass
+class Live:
+    """The in-memory side of one instance: its lock, log pump and VMM handle."""
+
+    lock: anyio.Lock
+    pump: LogPump
+    vmm: Vmm | None = None
+    # A VMM that runs but could not be attached to at start-up (it hangs, or speaks a
+    # version we refuse): the instance reads Unknown and stop/delete end it by its record.
+    unreachable: str | None = None
+    # supervise.py: the boot whose program exit was dealt with, and a pending restart.
+    handled_boot: int = -1
+    restarts: int = 0
+    restart_at: float | None = None
+    restart_boot: int = -1
+
+
+class Context:
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        images: ImageSource,
+        backends: Mapping[str, HypervisorBackend],
+        default_hypervisor: str,
+        artifacts: Callable[[], Awaitable[GuestArtifacts]],
+        network: NetworkPort | None,
+        stop_grace_seconds: float,
+    ) -> None:
+        self.paths = paths
+        self.images = images
+        self.backends = dict(backends)
+        self.default_hypervisor = default_hypervisor
+        self.artifacts = artifacts
+        self.network = network
+        self.grace = stop_grace_seconds
+        self.store = InstanceStore(paths)
+        self.records: dict[str, InstanceRecord] = {}
+        self.names: dict[str, str] = {}  # name -> id, reserved from the start of a create
+        self.quarantined: dict[str, QuarantineInfo] = {}  # original id -> where it went
+        self.live: dict[str, Live] = {}
+        self.pumps = PumpSet()
+        self._network_lock = anyio.Lock()
+        self._network_started = False
+
+    # -- records ----------------------------------------------------------------------
+    def resolve(self, key: str) -> str:
+        """The id ``key`` names: an id first, then a name (ids never equal another's name)."""
+        if key in self.records:
+            return key
+        instance_id = self.names.get(key)
+        if instance_id is not None and instance_id in self.records:
+            return instance_id
+        info = self.quarantined.get(key)
+        if info is not None:
+            raise InstanceQuarantined(key, info.path, info.reason)
+        raise InstanceNotFound(key)
+
+    def record(self, instance_id: str) -> InstanceRecord:
+        record = self.records.get(instance_id)
+        if record is None:
+            raise InstanceNotFound(instance_id)
+        return record
+
+    async def save(self, record: InstanceRecord) -> InstanceRecord:
+        """Write ``record`` through to disk (atomically, durably), then keep it."""
+        await anyio.to_thread.run_sync(self.store.save, record)
+        self.records[record.id] = record
+        return record
+
+    def forget(self, record: InstanceRecord) -> None:
+        self.records.pop(record.id, None)
+        if self.names.get(record.name) == record.id:
+            del self.names[record.name]
+        self.live.pop(record.id, None)
+
+    # -- live handles -----------------------------------------------------------------
+    def live_for(self, instance_id: str) -> Live:
+        live = self.live.get(instance_id)
+        if live is None:
+            paths = self.paths
+            logs = paths.instance_logs(instance_id)
+            live = Live(
+                lock=anyio.Lock(),
+                pump=LogPump(
+                    serial_raw=paths.instance_serial_raw(instance_id),
+                    vmm_raw=paths.instance_vmm_raw(instance_id),
+                    app_log=SegmentedLog(logs, "app"),
+                    vmm_log=SegmentedLog(logs, "vmm"),
+                    state_file=paths.instance_pump_state(instance_id),
+                    status_file=paths.instance_guest_status(instance_id),
+                ),
+            )
+            self.live[instance_id] = live
+        return live
+
+    def backend(self, record: InstanceRecord) -> HypervisorBackend:
+        backend = self.backends.get(record.hypervisor)
+        if backend is None:
+            raise InvalidInstanceSpec(
+                f"instance {record.id} needs hypervisor {record.hypervisor!r}, "
+                "which this node does not have"
+            )
+        return backend
+
+    def start_pump(self, instance_id: str) -> None:
+        self.pumps.add(instance_id, self.live_for(instance_id).pump)
+
+    async def stop_pump(self, instance_id: str, live: Live) -> None:
+        """Stop following once no drain runs, then copy what is left."""
+        await self.pumps.remove(instance_id)
+        await anyio.to_thread.run_sync(live.pump.drain)
+
+    # -- network ----------------------------------------------------------------------
+    async def ensure_network(self) -> NetworkPort:
+        if self.network is None:
+            raise InvalidInstanceSpec("networking is not enabled on this node")
+        async with self._network_lock:
+            if not self._network_started:
+                known = [r.id for r in self.records.values() if r.network.enabled]
+                for tap in await self.network.start(known):
+                    log.info("removed orphan TAP %s", tap)
+                self._network_started = True
+        return self.network
+
+    async def create_tap(self, record: InstanceRecord) -> bool:
+        """The instance's TAP, when it has a network; True when one was made."""
+        if not record.network.enabled:
+            return False
+        net = await self.ensure_network()
+        await net.create_tap(record.id, Allocation.from_dict(record.network.allocation()))
+        return True
+
+    async def delete_tap(self, instance_id: str) -> None:
+        """Remove the TAP if there is one; a node without networking has none to remove."""
+        if self.network is not None:
+            with anyio.CancelScope(shield=True):
+                await self.network.delete_tap(instance_id)
+
+    # -- VMMs -------------------------------------------------------------------------
+    async def end_vmm(self, instance_id: str, live: Live) -> None:
+        """End every VMM of the instance: the handle, the recorded one, unrecorded ones."""
+        with anyio.CancelScope(shield=True):
+            if live.vmm is not None:
+                with contextlib.suppress(Exception):
+                    await live.vmm.stop()
+                live.vmm = None
+            await terminate_recorded(self.paths.instance_dir(instance_id))
+            live.unreachable = None
+
+    async def vm_spec(self, record: InstanceRecord) -> VmSpec:
+        artifacts = await self.artifacts()
+        if record.hypervisor == BackendKind.QEMU.value:
+            # The QEMU backend runs the `pc` machine, which boots the bzImage.
+            kernel, extra = artifacts.bzimage, qemu_extra("pc")
+        else:
+            kernel, extra = artifacts.vmlinux, ()
+        disks = self.disk_paths(record)
+        network = record.network
+        return VmSpec(
+            kernel=kernel,
+            initrd=artifacts.initrd,
+            cmdline=kernel_cmdline(extra=extra),
+            vcpus=record.vcpus,
+            memory_mb=record.memory_mb,
+            memory_max_mb=record.memory_max_mb,
+            disks=(
+                DiskSpec(id="image", path=disks["image"], readonly=True, serial="image"),
+                DiskSpec(id="overlay", path=disks["overlay"], serial="overlay"),
+                DiskSpec(id="config", path=disks["config"], readonly=True, serial="config"),
+            ),
+            net=NetSpec(tap=network.tap or "", mac=network.mac or "") if network.enabled else None,
+            serial_file=self.paths.instance_serial_raw(record.id),
+        )
+
+    def disk_paths(self, record: InstanceRecord) -> dict[str, Path]:
+        return {
+            "image": Path(record.image.disk),
+            "overlay": self.paths.instance_overlay(record.id),
+            "config": self.paths.instance_config_disk(record.id),
+        }

@@ -1,0 +1,48 @@
+"""The one table of instance actions: which states each accepts, and where it leads.
+
+Every action checks the derived state against this table under the instance's lock, and
+answers with the state it leads to without asking the VMM again. ``INITIALIZING`` as a
+destination means "awake": the view reads ``Running`` once the guest's program has started.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from managers.instances.types import InstanceState
+
+_S = InstanceState
+
+
+class Action(enum.StrEnum):
+    START = "start"
+    STOP = "stop"
+    REBOOT = "reboot"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STANDBY = "standby"
+    RESTORE = "restore"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    accepts: frozenset[InstanceState]
+    leads_to: InstanceState
+
+    def allowed(self) -> list[str]:
+        """The accepted states as the API names them, in a stable order."""
+        return [str(state) for state in _S if state in self.accepts]
+
+
+_AWAKE = frozenset({_S.INITIALIZING, _S.RUNNING})
+
+TRANSITIONS: dict[Action, Transition] = {
+    Action.START: Transition(frozenset({_S.CREATED, _S.STOPPED, _S.SHUTDOWN}), _S.INITIALIZING),
+    Action.STOP: Transition(_AWAKE | {_S.PAUSED, _S.SHUTDOWN, _S.UNKNOWN}, _S.STOPPED),
+    Action.REBOOT: Transition(_AWAKE, _S.INITIALIZING),
+    Action.PAUSE: Transition(_AWAKE, _S.PAUSED),
+    Action.RESUME: Transition(frozenset({_S.PAUSED}), _S.INITIALIZING),
+    Action.STANDBY: Transition(_AWAKE | {_S.PAUSED}, _S.STANDBY),
+    Action.RESTORE: Transition(frozenset({_S.STANDBY}), _S.INITIALIZING),
+}
