@@ -104,6 +104,8 @@ class InstanceLogHandler(logging.Handler):
             return
         try:
             SegmentedLog(folder, "dataplane").append(self.format(record).encode() + b"\n")
+        except FileNotFoundError:
+            pass  # the instance was removed between the check and the write
         except Exception:
             self.handleError(record)
 

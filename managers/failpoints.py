@@ -15,8 +15,12 @@ import signal
 
 STEPS: frozenset[str] = frozenset(
     {
-        # any VMM start (create, start, restore): recorded, its socket not yet up
+        # any VMM start (create, start, restore): forked but not yet recorded (found by its
+        # marks alone); recorded, its socket not yet up
+        "vmm.forked",
         "vmm.spawned",
+        # a QEMU snapshot (standby): the migration to the memory file under way
+        "vmm.snapshotting",
         # instances: create
         "create.recorded",
         "create.overlay",

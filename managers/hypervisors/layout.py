@@ -72,8 +72,11 @@ class VmmFiles:
         self.record.unlink(missing_ok=True)
 
     def log_tail(self, limit: int = 400) -> str:
+        """The last ``limit`` bytes of the VMM's log; only those are read, however long it is."""
         try:
-            data = self.log.read_bytes()[-limit:]
+            with self.log.open("rb") as handle:
+                handle.seek(max(handle.seek(0, 2) - limit, 0))
+                data = handle.read(limit)
         except OSError:
             return ""
         return data.decode(errors="replace").strip()

@@ -69,8 +69,7 @@ class VmmProcess:
         killed at any later instant leaves a process that start-up can find, identify and
         end; the instant between the fork and that write is covered by :func:`vmm_pids`.
         """
-        files.prepare()
-        log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        log = await anyio.to_thread.run_sync(_prepare, files)
         try:
             try:
                 child = await anyio.open_process(
@@ -90,8 +89,12 @@ class VmmProcess:
             os.close(log)
         start = proc_start_time(child.pid)
         process = cls(child.pid, start if start is not None else 0, child)
+        failpoint("vmm.forked")
         try:
-            files.write_record({**record, "pid": process.pid, "start_time": process.start_time})
+            await anyio.to_thread.run_sync(
+                files.write_record,
+                {**record, "pid": process.pid, "start_time": process.start_time},
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await process.terminate()
@@ -196,6 +199,12 @@ class VmmProcess:
             await self._child.aclose()
 
 
+def _prepare(files: VmmFiles) -> int:
+    """Clear the way for a new VMM and open its log (our fd, which the VMM inherits)."""
+    files.prepare()
+    return os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
 def recorded_process(
     files: VmmFiles, kind: str, label: str, instance_id: str
 ) -> tuple[VmmProcess, dict[str, Any]]:
@@ -275,27 +284,49 @@ def _log_suffix(files: VmmFiles) -> str:
 def vmm_pids(workdir: Path) -> list[int]:
     """Every process that is a VMM of ``workdir``, recorded or not.
 
-    A VMM is started with ``workdir`` as its current directory and its API socket path on
-    its command line; both together mark it as ours. This finds a VMM whose record was
-    never written (the dataplane died between the fork and the write) or was lost with a
-    damaged folder. It reads ``/proc``: call it in a worker thread.
+    A VMM is started with ``workdir`` as its current directory and its API socket on its
+    command line in the form only a VMM is given it (``path=<socket>`` for Cloud Hypervisor,
+    ``unix:<socket>,`` for QEMU's QMP); both together mark it as ours, where a client such as
+    ``ch-remote`` or ``socat`` run from that folder names the socket otherwise. The directory
+    is compared by device and inode, so a symlink on the way to ``DATA_DIR`` does not hide a
+    VMM. This finds a VMM whose record was never written (the dataplane died between the fork
+    and the write) or was lost with a damaged folder. It reads ``/proc``: call it in a worker
+    thread.
     """
-    files = VmmFiles(workdir)
-    directory = str(workdir)
-    needle = str(files.socket).encode()
+    try:
+        folder = os.stat(workdir)
+    except OSError:
+        return []
+    socket_path = str(VmmFiles(workdir).socket).encode()
+    marks = (b"path=" + socket_path, b"unix:" + socket_path + b",")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.readlink(entry / "cwd") != directory:
+            cwd = os.stat(entry / "cwd")
+            if (cwd.st_dev, cwd.st_ino) != (folder.st_dev, folder.st_ino):
                 continue
-            if needle not in (entry / "cmdline").read_bytes():
-                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        found.append(int(entry.name))
+        if any(arg.startswith(mark) for arg in argv for mark in marks):
+            found.append(int(entry.name))
     return found
+
+
+def _vmm_identities(workdir: Path) -> list[tuple[int, int]]:
+    """The VMMs of ``workdir`` with their start times, each read before its marks are checked
+    and again after: a pid recycled in between is not taken for ours."""
+    before = {pid: proc_start_time(pid) for pid in vmm_pids(workdir)}
+    if not before:
+        return []
+    still = set(vmm_pids(workdir))
+    return [
+        (pid, start)
+        for pid, start in before.items()
+        if start is not None and pid in still and proc_start_time(pid) == start
+    ]
 
 
 async def terminate_recorded(workdir: Path) -> bool:
@@ -307,15 +338,14 @@ async def terminate_recorded(workdir: Path) -> bool:
     when a live process was ended.
     """
     files = VmmFiles(workdir)
-    record = files.read_record()
+    record = await anyio.to_thread.run_sync(files.read_record)
     processes: list[VmmProcess] = []
     if record is not None and "pid" in record and "start_time" in record:
         with contextlib.suppress(TypeError, ValueError):
             processes.append(VmmProcess(int(record["pid"]), int(record["start_time"])))
     recorded = {process.pid for process in processes}
-    for pid in await anyio.to_thread.run_sync(vmm_pids, workdir):
-        start = proc_start_time(pid)
-        if pid not in recorded and start is not None:
+    for pid, start in await anyio.to_thread.run_sync(_vmm_identities, workdir):
+        if pid not in recorded:
             processes.append(VmmProcess(pid, start))
     ended = False
     for process in processes:
@@ -325,5 +355,5 @@ async def terminate_recorded(workdir: Path) -> bool:
                 ended = True
         finally:
             process.release()
-    files.remove_runtime()
+    await anyio.to_thread.run_sync(files.remove_runtime)
     return ended

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from managers.atomic import write_json_atomic
+from managers.failpoints import failpoint
 
 from .accel import probe_acceleration
 from .errors import (
@@ -60,6 +61,10 @@ _MIGRATION_TIMEOUT = 300.0
 # How often a migration (snapshot or restore) is asked whether it has finished.
 _POLL_SECONDS = 0.01
 _UNPLUG_TIMEOUT = 30.0
+# query-migrate statuses of a migration still under way.
+_MIGRATING = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "postcopy-active"}
+)
 
 
 class QemuBackend:
@@ -243,8 +248,25 @@ class QemuVmm:
         await self._exec("stop")
 
     async def resume(self) -> None:
+        # A snapshot a dataplane crash left running would stop the guest again when it ends.
+        await self._cancel_migration()
         await self._require(VmState.PAUSED, "resume")
         await self._exec("cont")
+
+    async def _cancel_migration(self) -> None:
+        """End a migration (snapshot) in flight, and wait until QEMU says it is over."""
+        cancelled = False
+        with anyio.move_on_after(_MIGRATION_TIMEOUT):
+            while True:
+                result = await self._exec("query-migrate")
+                status = result.get("status") if isinstance(result, dict) else None
+                if status not in _MIGRATING:
+                    return
+                if not cancelled and status != "cancelling":
+                    await self._exec("migrate_cancel")
+                    cancelled = True
+                await anyio.sleep(_POLL_SECONDS)
+        raise OperationTimeout(self.instance_id, "a snapshot in flight did not stop in time")
 
     async def shutdown(self, grace_seconds: float) -> bool:
         state = await self.state()
@@ -281,6 +303,7 @@ class QemuVmm:
             await self._exec("stop")
         memory = destination / MEMORY_FILE
         await self._exec("migrate", {"uri": f"exec:cat > {shlex.quote(str(memory))}"})
+        failpoint("vmm.snapshotting")
         with anyio.move_on_after(_MIGRATION_TIMEOUT) as scope:
             while True:
                 result = await self._exec("query-migrate")
@@ -298,7 +321,9 @@ class QemuVmm:
             await self._exec("migrate_cancel")
             memory.unlink(missing_ok=True)
             raise OperationTimeout(self.instance_id, "snapshot did not finish in time")
-        write_json_atomic(destination / LAYOUT_FILE, self._layout().to_json())
+        await anyio.to_thread.run_sync(
+            write_json_atomic, destination / LAYOUT_FILE, self._layout().to_json()
+        )
 
     async def add_disk(self, disk: DiskSpec) -> None:
         layout = self._layout()

@@ -8,6 +8,7 @@ reboot leave no half state of their own: the VMM's state is the whole truth.
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import anyio
 
@@ -49,24 +50,32 @@ async def boot(ctx: Context, record: InstanceRecord, live: Live, *, tap_failpoin
 async def start(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:
     record = await ctx.save(record.evolve(intent=Intent(IntentKind.START, now_iso())))
     try:
-        if live.vmm is not None:
-            # A guest that powered off leaves its VMM; a fresh boot needs a fresh one.
-            await ctx.end_vmm(record.id, live)
+        # A guest that powered off leaves its VMM, and a fresh boot needs a fresh one; any VMM
+        # of this folder we hold no handle on would share the disks with it, so it goes too.
+        await ctx.end_vmm(record.id, live)
         await boot(ctx, record, live, tap_failpoint="start.tap")
         failpoint("start.booted")
     finally:
         with anyio.CancelScope(shield=True):
             booted = record.booted or live.vmm is not None
-            await ctx.save(record.evolve(intent=None, booted=booted))
+            pending = record.restart_pending and live.vmm is None
+            await ctx.save(record.evolve(intent=None, booted=booted, restart_pending=pending))
 
 
 async def stop(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:
     """Ask the guest to power off (within the grace period), then end the VMM and its TAP."""
+    # A restore recovery could not settle (its VMM never answered) may have run the VM: its
+    # snapshot no longer matches the disk, so stopping it leaves the disk as the instance.
+    void = ctx.paths.instance_standby(record.id)
+    voided = record.intent is not None and record.intent.action is IntentKind.RESTORE
     record = await ctx.save(record.evolve(intent=Intent(IntentKind.STOP, now_iso())))
     if live.vmm is not None and state in (_S.INITIALIZING, _S.RUNNING):
         with contextlib.suppress(HypervisorError):
             await live.vmm.shutdown(ctx.grace)
     failpoint("stop.shutdown")
+    await ctx.end_vmm(record.id, live)
+    if voided:
+        await anyio.to_thread.run_sync(shutil.rmtree, void, True)
     await finish_stop(ctx, record, live)
 
 

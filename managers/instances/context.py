@@ -94,7 +94,6 @@ class Live:
     handled_boot: int = -1
     restarts: int = 0
     restart_at: float | None = None
-    restart_boot: int = -1
 
 
 class Context:

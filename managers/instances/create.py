@@ -9,6 +9,7 @@ ending anything. A crash in between leaves a record that says what was under way
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -130,13 +131,34 @@ async def remove(ctx: Context, record: InstanceRecord, live: Live) -> None:
     last but for the folder, so a crash part-way leaves the intent for the next start.
     """
     instance_id = record.id
+    network = ctx.network if record.network.enabled else None
+    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("end the VMM", lambda: ctx.end_vmm(instance_id, live)),
+        ("stop following logs", lambda: ctx.pumps.remove(instance_id)),
+    ]
+    if network is not None:
+        steps += [
+            ("remove the TAP", lambda: network.delete_tap(instance_id)),
+            ("release the address", lambda: network.release(instance_id)),
+        ]
+    steps.append(
+        ("remove the files", lambda: anyio.to_thread.run_sync(ctx.store.remove, instance_id))
+    )
     with anyio.CancelScope(shield=True):
-        await ctx.end_vmm(instance_id, live)
-        await ctx.pumps.remove(instance_id)
-        if record.network.enabled and ctx.network is not None:
-            await ctx.delete_tap(instance_id)
-            await ctx.network.release(instance_id)
-        await anyio.to_thread.run_sync(ctx.store.remove, instance_id)
+        # Every step is tried whatever the others do; a failed one is reported, not raised, so
+        # a create's own error reaches its caller unchanged. What is left (a TAP, a folder) has
+        # no record any more and goes at the next start.
+        for label, step in steps:
+            try:
+                await step()
+            except Exception as error:
+                log.error(
+                    "removing instance %s: could not %s: %s",
+                    instance_id,
+                    label,
+                    error,
+                    extra={"instance_id": instance_id},
+                )
         ctx.images.release(record.image.digest)
         ctx.forget(record)
 

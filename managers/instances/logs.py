@@ -93,7 +93,9 @@ class SegmentedLog:
         """Append ``data``; a single writer per log is assumed (the pump or our logger)."""
         if not data:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # Never its parents: a line about an instance being deleted must not bring its folder
+        # back (the next start would find a folder without a record).
+        self.folder.mkdir(exist_ok=True)
         segments = self._segments()
         if segments:
             current = segments[-1]

@@ -112,7 +112,12 @@ class InstanceManager:
     async def list(self, state: InstanceState | None = None) -> builtins.list[Instance]:
         """Every instance, quarantined ones included, oldest first; optionally of one state."""
         ctx = self._ctx
-        found = [await views.view(ctx, record) for record in list(ctx.records.values())]
+        found = [
+            await views.view(ctx, record)
+            for record in list(ctx.records.values())
+            # One deleted while an earlier one was being read is not brought back to life.
+            if record.id in ctx.records
+        ]
         found.sort(key=lambda instance: instance.record.created_at if instance.record else "")
         found.extend(await self._quarantined())
         return [i for i in found if state is None or i.state == state]

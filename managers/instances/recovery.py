@@ -26,6 +26,7 @@ import anyio
 from managers.atomic import remove_stale_temporaries
 from managers.hypervisors import (
     HypervisorError,
+    VmmDied,
     VmmNotFound,
     VmState,
     terminate_recorded,
@@ -39,6 +40,8 @@ from managers.quarantine import quarantine, quarantined
 
 async def recover(ctx: Context) -> None:
     """Load every instance and settle what a crash left; one failure never stops the rest."""
+    for tombstone in await anyio.to_thread.run_sync(ctx.store.sweep_tombstones):
+        log.info("finished removing %s, cut short by a crash", tombstone)
     found = await anyio.to_thread.run_sync(ctx.store.scan)
     for instance_id in found.unborn:
         log.warning("removing instance folder %s, made by a create cut short", instance_id)
@@ -66,6 +69,11 @@ async def recover(ctx: Context) -> None:
                 error,
                 extra={"instance_id": record.id},
             )
+            # Not knowing is said, not guessed: Unknown accepts only stop and delete, which
+            # end whatever VMM the folder has.
+            live = ctx.live.get(record.id)
+            if live is not None and live.vmm is None:
+                live.unreachable = f"recovery failed: {error}"
 
 
 async def _recover_one(ctx: Context, record: InstanceRecord) -> None:
@@ -82,6 +90,20 @@ async def _recover_one(ctx: Context, record: InstanceRecord) -> None:
         extra={"instance_id": record.id},
     )
     async with live.lock:
+        if intent.action in (IntentKind.START, IntentKind.RESTORE):
+            await _attach(ctx, record, live)
+        if intent.action is IntentKind.RESTORE:
+            ran = await _vm_ran(ctx, record, live, (VmState.RUNNING, VmState.SHUTDOWN))
+            if ran is None:
+                # A VMM runs that cannot be asked whether its VM ran: keeping the snapshot
+                # could pair old memory with a newer disk, dropping it could lose the VM.
+                # The instance reads Unknown, the intent stays, stop or delete settles it.
+                log.warning(
+                    "cannot tell whether the restore finished: %s",
+                    live.unreachable,
+                    extra={"instance_id": record.id},
+                )
+                return
         match intent.action:
             case IntentKind.CREATE | IntentKind.DELETE:
                 await create.remove(ctx, record, live)
@@ -106,7 +128,7 @@ async def _recover_one(ctx: Context, record: InstanceRecord) -> None:
                     if live.vmm is not None:
                         ctx.start_pump(record.id)
             case IntentKind.RESTORE:
-                if await _vm_ran(ctx, record, live, (VmState.RUNNING, VmState.SHUTDOWN)):
+                if ran:
                     await standby.finish_restore(ctx, record, live)
                 else:
                     await standby.undo_restore(ctx, record, live)
@@ -132,6 +154,9 @@ async def _adopt(ctx: Context, record: InstanceRecord, live: Live) -> None:
     if live.vmm is not None:
         log.info("re-adopted running VMM", extra={"instance_id": record.id})
         ctx.start_pump(record.id)
+    elif live.unreachable is None:
+        # The VMM ended while we were away: its TAP has nothing to serve.
+        await ctx.delete_tap(record.id)
 
 
 async def _attach(ctx: Context, record: InstanceRecord, live: Live) -> None:
@@ -149,25 +174,32 @@ async def _attach(ctx: Context, record: InstanceRecord, live: Live) -> None:
         pids = await anyio.to_thread.run_sync(vmm_pids, workdir)
         if pids:
             live.unreachable = f"VMM pid {pids[0]} runs, but its record cannot be read"
-    except HypervisorError as error:
-        live.unreachable = str(error)
+    except Exception as error:
+        # A record that parses but does not describe a VMM we can drive (a field missing, a
+        # layout from another version): the VMM may run, so the instance reads Unknown.
+        live.unreachable = str(error) or type(error).__name__
 
 
 async def _vm_ran(
     ctx: Context, record: InstanceRecord, live: Live, ran: tuple[VmState, ...]
-) -> bool:
-    """Whether the VMM a cut-short start or restore made has its VM in one of ``ran``.
+) -> bool | None:
+    """Whether the VMM a cut-short start or restore made has its VM in one of ``ran``; None
+    when a VMM runs that cannot be asked.
 
     Paused never counts: a VM still being restored reads paused, and one that never got
     past that has not run, so its snapshot is still the instance.
     """
-    await _attach(ctx, record, live)
+    if live.unreachable is not None:
+        return None
     if live.vmm is None:
         return False
     try:
         state = await live.vmm.state()
-    except HypervisorError:
+    except (VmmNotFound, VmmDied):
         return False
+    except HypervisorError as error:
+        live.unreachable = str(error)
+        return None
     return state in ran
 
 

@@ -45,14 +45,19 @@ async def standby(ctx: Context, record: InstanceRecord, live: Live, state: Insta
             await vmm.pause()
         failpoint("standby.paused")
         step = "snapshot"
-        staging.mkdir(mode=0o700)
+        await anyio.Path(staging).mkdir(mode=0o700)
         await vmm.snapshot(staging)
         failpoint("standby.snapshot_written")
         step = "commit the snapshot"
         await anyio.to_thread.run_sync(_commit, staging, target)
     except BaseException as error:
         with anyio.CancelScope(shield=True):
-            await undo_standby(ctx, record, live)
+            if await anyio.Path(target).is_dir():
+                # The rename happened (its fsync failed, or we were cancelled right after):
+                # the snapshot is the instance now, so the standby is finished, not undone.
+                await finish_standby(ctx, record, live)
+            else:
+                await undo_standby(ctx, record, live)
         if isinstance(error, Exception):
             raise ActionFailed(record.id, "standby", step, error) from error
         raise

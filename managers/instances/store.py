@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ class Scan:
     unreadable: dict[str, str] = field(default_factory=dict)
     # folders with no record and nothing but temporaries: a create killed in its first write
     unborn: list[str] = field(default_factory=list)
+
+
+# Folders named so are removals under way; dot-named folders are never read as instances.
+_TOMBSTONE = ".deleting-"
 
 
 class InstanceStore:
@@ -63,11 +68,31 @@ class InstanceStore:
     def remove(self, instance_id: str) -> None:
         """Remove an instance whose removal is decided (delete, or a create rolled back).
 
-        The record goes first: a crash mid-removal leaves a folder with no record, which the
-        next start quarantines rather than guesses about, so nothing is lost either way.
+        The folder is first renamed, in one step, to a tombstone that no scan reads as an
+        instance; a crash while its contents are removed leaves the tombstone, which the next
+        start finishes removing (:meth:`sweep_tombstones`). So a delete cut short never comes
+        back as a quarantined folder, and no half-removed instance is ever seen.
         """
-        self._paths.instance_metadata(instance_id).unlink(missing_ok=True)
-        shutil.rmtree(self._paths.instance_dir(instance_id), ignore_errors=True)
+        folder = self._paths.instance_dir(instance_id)
+        tombstone = folder.with_name(f"{_TOMBSTONE}{instance_id}-{secrets.token_hex(4)}")
+        try:
+            os.rename(folder, tombstone)
+        except FileNotFoundError:
+            return
+        fsync_dir(folder.parent)
+        shutil.rmtree(tombstone, ignore_errors=True)
+
+    def sweep_tombstones(self) -> list[str]:
+        """Finish removals a crash cut short; returns the tombstones removed."""
+        try:
+            entries = [
+                e for e in os.scandir(self._paths.instances) if e.name.startswith(_TOMBSTONE)
+            ]
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return [entry.name for entry in entries]
 
     def remove_unborn(self, instance_id: str) -> None:
         shutil.rmtree(self._paths.instance_dir(instance_id), ignore_errors=True)

@@ -5,9 +5,11 @@ Unless the instance asked to be kept (``keep_on_exit``), its VMM and TAP are end
 tick and the instance reads ``Stopped``, its exit code kept. A ``restart_policy`` of
 ``always``, or ``on-failure`` after a non-zero exit (or a program the guest could not run),
 boots it again after a back-off that doubles from 1 s up to 60 s, and starts again from
-1 s once a run lasted a minute. ``restarts`` counts the restarts since the instance was last
-started by hand (or since this dataplane started). An explicit stop, standby or delete ends
-the VMM first, so it is never followed by a restart; an explicit start cancels a pending one.
+1 s once a run lasted a minute. A restart due is recorded (``restart_pending``), so one a
+dataplane restart cut short happens as soon as the dataplane is back. ``restarts`` counts the
+restarts since the instance was last started by hand (or since this dataplane started). An
+explicit stop, standby or delete ends the VMM first, so it is never followed by a restart; an
+explicit start settles a pending one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def backoff(restarts: int, status: GuestStatus) -> tuple[float, int]:
 
 async def supervise(ctx: Context) -> None:
     """Watch every instance's program; runs for the manager's lifetime."""
+    for record in list(ctx.records.values()):
+        # A back-off a dataplane restart cut short: the restart is due now.
+        if record.restart_pending:
+            ctx.live_for(record.id).restart_at = anyio.current_time()
     while True:
         await anyio.sleep(TICK_SECONDS)
         now = anyio.current_time()
@@ -66,14 +72,18 @@ async def _exited(ctx: Context, instance_id: str, live: Live, status: GuestStatu
         # Re-checked under the lock: an action may have ended or replaced the VMM meanwhile.
         if record is None or live.vmm is None or live.pump.status.boot != status.boot:
             return
-        live.handled_boot = status.boot
         restart = wants_restart(record, status)
+        if restart:
+            # Recorded before the VMM is released, so a dataplane killed during the release
+            # or the back-off still restarts the program when it is back.
+            record = await ctx.save(record.evolve(restart_pending=True))
         if restart or not record.keep_on_exit:
             await actions.stop(ctx, record, live, InstanceState.SHUTDOWN)
+        # Only once the VMM is released: a stop that failed is tried again at the next tick.
+        live.handled_boot = status.boot
         if restart:
             delay, live.restarts = backoff(live.restarts, status)
             live.restart_at = anyio.current_time() + delay
-            live.restart_boot = status.boot
             log.info(
                 "program exited (%s); restart %d in %.0f s",
                 _outcome(status),
@@ -91,10 +101,10 @@ async def _exited(ctx: Context, instance_id: str, live: Live, status: GuestStatu
 
 async def _restart(ctx: Context, instance_id: str, live: Live) -> None:
     async with live.lock:
-        due, live.restart_at = live.restart_boot, None
+        live.restart_at = None
         record = ctx.records.get(instance_id)
         # Anything done by hand since (a start, a delete) has settled the instance already.
-        if record is None or live.vmm is not None or live.pump.status.boot != due:
+        if record is None or not record.restart_pending or live.vmm is not None:
             return
         try:
             await actions.start(ctx, record, live, InstanceState.STOPPED)
@@ -103,7 +113,6 @@ async def _restart(ctx: Context, instance_id: str, live: Live) -> None:
             log.warning("restart failed: %s", error, extra={"instance_id": instance_id})
             delay, live.restarts = backoff(live.restarts, GuestStatus())
             live.restart_at = anyio.current_time() + delay
-            live.restart_boot = live.pump.status.boot
 
 
 def _ran_for(status: GuestStatus) -> float:

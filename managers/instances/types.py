@@ -275,6 +275,9 @@ class InstanceRecord:
     intent: Intent | None = None
     restart_policy: RestartPolicy = RestartPolicy.NO
     keep_on_exit: bool = False
+    # The program exited and its policy restarts it: set when its VMM is released, cleared
+    # by the next start (by the supervisor or by hand).
+    restart_pending: bool = False
 
     def evolve(self, **changes: Any) -> InstanceRecord:
         """A copy with ``changes``; records are never changed in place."""
@@ -314,6 +317,7 @@ class InstanceRecord:
             "intent": self.intent.to_json() if self.intent is not None else None,
             "restart_policy": self.restart_policy.value,
             "keep_on_exit": self.keep_on_exit,
+            "restart_pending": self.restart_pending,
         }
 
     @classmethod
@@ -321,7 +325,8 @@ class InstanceRecord:
         """Parse a stored record; anything malformed is a :class:`RecordInvalid`.
 
         Schema 1 (before intents) had the same fields less ``schema``, ``intent``,
-        ``restart_policy`` and ``keep_on_exit``; the missing ones take their defaults.
+        ``restart_policy``, ``keep_on_exit`` and ``restart_pending``; the missing ones take
+        their defaults.
         """
         try:
             return cls._parse(data)
@@ -371,6 +376,7 @@ class InstanceRecord:
             intent=Intent.from_json(intent) if intent is not None else None,
             restart_policy=RestartPolicy(fields.get("restart_policy", RestartPolicy.NO.value)),
             keep_on_exit=_flag(fields, "keep_on_exit", False),
+            restart_pending=_flag(fields, "restart_pending", False),
         )
 
 

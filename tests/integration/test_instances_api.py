@@ -401,3 +401,40 @@ def test_guest_data_is_readable_by_root_alone(world: World) -> None:
                 assert path.stat().st_mode & 0o077 == 0, path
     finally:
         assert client.delete(f"/instances/{created['id']}").status_code == 204
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"", b'{"kind": "cloud-hyp', b'{"kind": "cloud-hypervisor"}', b"\xff\xfe not json"],
+    ids=["empty", "truncated", "no-pid", "binary"],
+)
+def test_a_damaged_vmm_record_shows_unknown_and_stop_ends_the_vmm(
+    source: Source, tmp_path: Path, damage: bytes
+) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        run_server(data_dir, source.env, keep_vmms=True) as first,
+        httpx.Client(base_url=first.url, timeout=60) as client,
+    ):
+        client.post("/images", json={"name": source.image})
+        wait_ready(client, source.image)
+        running = client.post("/instances", json={"name": "marked", "image": source.image}).json()
+        # The log pump's records too: damaged, they only cost where the pump had got to.
+        folder = data_dir / "instances" / running["id"]
+        assert first.stop() == 0
+    (folder / "vmm.json").write_bytes(damage)
+    (folder / "guest.json").write_bytes(damage)
+    (folder / "logs" / "pump.json").write_bytes(damage)
+    pid = running["pid"]
+    with (
+        run_server(data_dir, source.env) as again,
+        httpx.Client(base_url=again.url, timeout=60) as client,
+    ):
+        seen = client.get(f"/instances/{running['id']}").json()
+        assert seen["state"] == "Unknown", "a VMM runs that cannot be driven: said, not hidden"
+        assert pid_alive(pid)
+        assert client.post(f"/instances/{running['id']}/stop").json()["state"] == "Stopped"
+        assert gone(pid)
+        assert client.post(f"/instances/{running['id']}/start").status_code == 200
+        assert client.delete(f"/instances/{running['id']}").status_code == 204
+    assert not (data_dir / "quarantine").exists()

@@ -409,6 +409,22 @@ async def test_on_failure_restarts_with_backoff_until_success(
     assert node.backend.guest_script == []
 
 
+async def test_a_restart_due_survives_a_restart_of_the_manager(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervise, "FIRST_BACKOFF_SECONDS", 3600.0)
+    node.backend.guest_script = ["program-exited code=1", None]
+    await node.manager.create(request("phoenix", restart_policy=RestartPolicy.ALWAYS))
+    await _wait(node.manager, "phoenix", lambda i: i.state is InstanceState.STOPPED)
+    await node.manager.__aexit__(None, None, None)
+    async with node.reopen() as manager:
+        # The hour-long back-off was cut short by the restart: the program runs again now.
+        instance = await _wait(manager, "phoenix", lambda i: i.state in _AWAKE)
+        assert instance.pid is not None
+        record = json.loads(node.paths.instance_metadata(instance.id).read_text())
+        assert record["restart_pending"] is False
+
+
 def test_backoff_doubles_to_a_ceiling_and_resets_after_a_stable_run() -> None:
     quick = GuestStatus(
         program_started_at="2026-01-01T00:00:00.000Z", exited_at="2026-01-01T00:00:01.000Z"
