@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -15,11 +16,43 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from dataplane import sse
+from dataplane.errors import ApiError
 from dataplane.runtime import Runtime
-from managers.images import DiskFormat, Image, ImageManager, ImageNotFound
+from managers.images import (
+    DISK_FORMATS,
+    PROGRESS_INTERVAL,
+    DiskFormat,
+    Image,
+    ImageManager,
+    ImageNotFound,
+)
 
-# How often a build's progress is sampled for its event stream.
-PROGRESS_POLL_SECONDS = 0.25
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """The body of ``POST /images``, parsed on its own: the contract check may be off."""
+
+    name: str
+    format: DiskFormat
+
+    @classmethod
+    def from_json(cls, data: object) -> ImageRequest:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ApiError(400, "invalid_request", 'the body must be {"name": "<reference>"}')
+        unknown = sorted(set(data) - {"name", "format"})
+        if unknown:
+            raise ApiError(400, "invalid_request", f"unknown fields: {', '.join(unknown)}")
+        return cls(data["name"], disk_format(data.get("format", "erofs")))
+
+
+def disk_format(value: object) -> DiskFormat:
+    """A disk format named by a client; anything else is a 400, never a silent default."""
+    for known in DISK_FORMATS:
+        if value == known:
+            return known
+    raise ApiError(
+        400, "invalid_request", f"format must be one of {', '.join(DISK_FORMATS)}, not {value!r}"
+    )
 
 
 def image_json(image: Image) -> dict[str, Any]:
@@ -50,10 +83,10 @@ class ImagesController(Controller):
 
     @post("/", status_code=202)
     async def create(
-        self, runtime: NamedDependency[Runtime], data: JSONBody[dict[str, Any]]
+        self, runtime: NamedDependency[Runtime], data: JSONBody[Any]
     ) -> dict[str, Any]:
-        fmt: DiskFormat = data.get("format", "erofs")
-        return image_json(await _images(runtime).request(data["name"], fmt))
+        body = ImageRequest.from_json(data)
+        return image_json(await _images(runtime).request(body.name, body.format))
 
     @post("/import", status_code=202)
     async def import_archive(
@@ -62,8 +95,8 @@ class ImagesController(Controller):
         runtime: NamedDependency[Runtime],
         fmt: Annotated[str, QueryParameter(name="format")] = "erofs",
     ) -> dict[str, Any]:
-        disk_format: DiskFormat = "ext4" if fmt == "ext4" else "erofs"
-        return image_json(await _images(runtime).import_archive(request.stream(), disk_format))
+        chosen = disk_format(fmt)
+        return image_json(await _images(runtime).import_archive(request.stream(), chosen))
 
     @get("/")
     async def list_images(self, runtime: NamedDependency[Runtime]) -> list[dict[str, Any]]:
@@ -101,7 +134,7 @@ class ImagesController(Controller):
                 elif time.monotonic() - quiet_since >= keepalive:
                     quiet_since = time.monotonic()
                     yield sse.KEEPALIVE
-                await anyio.sleep(PROGRESS_POLL_SECONDS)
+                await anyio.sleep(PROGRESS_INTERVAL)
                 try:
                     image = await images.get(image.digest)
                 except ImageNotFound:

@@ -23,9 +23,19 @@ from .errors import (
 )
 from .manager import ImageManager
 from .reference import Reference, parse_reference
-from .types import DiskFormat, Image, ImageConfig, ImageStatus, Progress
+from .types import (
+    DISK_FORMATS,
+    PROGRESS_INTERVAL,
+    DiskFormat,
+    Image,
+    ImageConfig,
+    ImageStatus,
+    Progress,
+)
 
 __all__ = [
+    "DISK_FORMATS",
+    "PROGRESS_INTERVAL",
     "BuildFailed",
     "DigestMismatch",
     "DiskFormat",

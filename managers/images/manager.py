@@ -57,7 +57,7 @@ from .references import References
 from .registry import RegistryClient
 from .scratch import DEFAULT_SCRATCH, Scratch, unpacked_estimate
 from .store import Record, RecordStore
-from .types import DISK_FORMATS, DiskFormat, Image, ImageStatus, Progress
+from .types import DISK_FORMATS, PROGRESS_INTERVAL, DiskFormat, Image, ImageStatus, Progress
 from .unpack import Unpacker
 
 T = TypeVar("T")
@@ -65,7 +65,6 @@ _log = logging.getLogger(__name__)
 
 _DOWNLOADS_PER_BUILD = 4
 _BLOB_READ_TIMEOUT = 60.0
-_PROGRESS_INTERVAL = 0.25
 _MAX_ARCHIVE_BYTES = 64 << 30
 
 
@@ -627,7 +626,7 @@ class ImageManager:
             if counter.value != last:
                 last = counter.value
                 self._publish(entry, progress=Progress(phase, min(last, total), total))
-            await anyio.sleep(_PROGRESS_INTERVAL)
+            await anyio.sleep(PROGRESS_INTERVAL)
 
     # -- state changes -----------------------------------------------------------
     def _notify(self, entry: _Entry) -> None:

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 DiskFormat = Literal["erofs", "ext4"]
 DISK_FORMATS: tuple[DiskFormat, ...] = ("erofs", "ext4")
+PROGRESS_INTERVAL = 0.25
+"""Seconds between two progress updates of a build; a reader sampling faster sees nothing new."""
 
 
 class ImageStatus(enum.StrEnum):

@@ -98,3 +98,26 @@ def test_bad_input_is_a_400_and_changes_nothing(client: TestClient[Litestar], bo
     assert answer.status_code == 400, answer.text
     assert set(answer.json()) <= {"code", "message", "details"}
     assert client.get("/instances").json() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"name": 1}, {"name": "alpine", "format": "zip"}, {"name": "alpine", "x": 1}, [1]],
+    ids=str,
+)
+def test_a_bad_image_request_is_a_400_and_starts_no_build(
+    client: TestClient[Litestar], body: object
+) -> None:
+    answer = client.post("/images", json=body)
+    assert answer.status_code == 400, answer.text
+    assert client.get("/images").json() == []
+
+
+def test_an_archive_in_an_unknown_format_is_a_400(client: TestClient[Litestar]) -> None:
+    answer = client.post(
+        "/images/import?format=zip",
+        content=b"not read",
+        headers={"content-type": "application/x-tar"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert client.get("/images").json() == []
