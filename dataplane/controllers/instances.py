@@ -47,15 +47,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         **body,
         "image": record.image.name,
         "image_digest": record.image.digest,
-        "hypervisor": record.hypervisor,
-        "vcpus": record.vcpus,
-        "memory_mb": record.memory_mb,
-        "memory_max_mb": record.memory_max_mb,
-        "overlay_size_mb": record.overlay_size_mb,
-        "env": dict(record.env),
-        "entrypoint": list(record.entrypoint) if record.entrypoint is not None else None,
-        "cmd": list(record.cmd) if record.cmd is not None else None,
-        "workdir": record.workdir,
+        **record.machine_json(),
         "network": {
             "enabled": network.enabled,
             "ip": network.address,
@@ -63,8 +55,6 @@ def instance_json(instance: Instance) -> dict[str, Any]:
             "gateway": network.gateway,
         },
         "created_at": record.created_at,
-        "restart_policy": record.restart_policy.value,
-        "keep_on_exit": record.keep_on_exit,
     }
 
 

@@ -283,6 +283,22 @@ class InstanceRecord:
         """A copy with ``changes``; records are never changed in place."""
         return replace(self, **changes)
 
+    def machine_json(self) -> dict[str, Any]:
+        """The VM and program the instance asked for, as both the record and the API spell it."""
+        return {
+            "hypervisor": self.hypervisor,
+            "vcpus": self.vcpus,
+            "memory_mb": self.memory_mb,
+            "memory_max_mb": self.memory_max_mb,
+            "overlay_size_mb": self.overlay_size_mb,
+            "env": dict(self.env),
+            "entrypoint": list(self.entrypoint) if self.entrypoint is not None else None,
+            "cmd": list(self.cmd) if self.cmd is not None else None,
+            "workdir": self.workdir,
+            "restart_policy": self.restart_policy.value,
+            "keep_on_exit": self.keep_on_exit,
+        }
+
     def to_json(self) -> dict[str, Any]:
         network = self.network
         return {
@@ -296,15 +312,7 @@ class InstanceRecord:
                 "format": self.image.format,
                 "disk": self.image.disk,
             },
-            "hypervisor": self.hypervisor,
-            "vcpus": self.vcpus,
-            "memory_mb": self.memory_mb,
-            "memory_max_mb": self.memory_max_mb,
-            "overlay_size_mb": self.overlay_size_mb,
-            "env": dict(self.env),
-            "entrypoint": list(self.entrypoint) if self.entrypoint is not None else None,
-            "cmd": list(self.cmd) if self.cmd is not None else None,
-            "workdir": self.workdir,
+            **self.machine_json(),
             "network": {
                 "enabled": network.enabled,
                 "address": network.address,
@@ -315,8 +323,6 @@ class InstanceRecord:
             },
             "booted": self.booted,
             "intent": self.intent.to_json() if self.intent is not None else None,
-            "restart_policy": self.restart_policy.value,
-            "keep_on_exit": self.keep_on_exit,
             "restart_pending": self.restart_pending,
         }
 
