@@ -8,8 +8,8 @@ then the instance manager, which settles what a crash left and re-adopts running
 VMMs). Slow facts (the guest kernel and initrd when they must be built, the
 hypervisor's version and acceleration) are gathered in the background so the API
 answers at once: ``/health`` shows null for them until they are known, and a
-request that needs the guest (create, start, restore) waits for them, up to
-``GUEST_WAIT_SECONDS``, then answers 503 ``guest_unavailable`` with the reason.
+request that boots a guest (create, unless ``start`` is false, and start) waits for
+them, up to ``GUEST_WAIT_SECONDS``, then answers 503 ``guest_unavailable`` with the reason.
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 ``failpoint(name)`` marks a step between two external effects. When the environment
 variable ``DATAPLANE_FAILPOINT`` names that step, the process kills itself with SIGKILL
 there: a real crash, not an exception, so nothing in our code gets to clean up. The
-variable is read once at import; unset (as in every deployment), a failpoint is a set
-lookup that answers no. The suite (``tests/integration/test_fault_injection.py``) starts
-the dataplane with each name in :data:`STEPS` once and checks what restart makes of it.
+variable is read once at import; unset (as in every deployment), a failpoint costs a set
+lookup and a string comparison. The suites start the dataplane with each name in
+:data:`STEPS` once and check what restart makes of it:
+``tests/integration/test_fault_injection.py`` the instance steps,
+``tests/integration/test_images_recovery.py`` the ``image.*`` ones.
 """
 
 from __future__ import annotations

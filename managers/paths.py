@@ -6,17 +6,21 @@ the disk except :meth:`Paths.ensure`, which creates the top-level folders.
 
 Layout::
 
-    system/kernel/            vmlinux (PVH ELF), bzImage, version
+    system/kernel/            vmlinux (PVH ELF), bzImage, version, tree/ (the unpacked package),
+                              override/ (vmlinux files extracted from a KERNEL_PATH bzImage)
     system/initrd/            initrd.img and the hash of its inputs
     system/oci/               one content-addressed OCI layout shared by all images
     system/tmp/               scratch space for builds (emptied at start-up)
     images/<digest-hex>/      metadata.json, rootfs.erofs | rootfs.ext4
     images/tags/              a reference name -> digest map, one file per name
     instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock, vmm.json,
-                              events.json, guest.json, standby/, snapshots/<sid>/,
+                              events.json (Cloud Hypervisor), guest.json, standby/ (and
+                              standby.partial/ while one is written),
                               logs/ (serial.raw and vmm.log as the VMM writes them;
                               app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
-    volumes/<id>/             metadata.json, data.raw
+    instances/.deleting-<id>-<hex>/
+                              an instance folder a delete is removing
+    volumes/<id>/             metadata.json, data.raw (named here; nothing uses them yet)
     quarantine/<kind>/<name>-<UTC time>/
                               a folder whose record could not be read, moved here whole
                               (disks included) with a QUARANTINE.json saying why; only an
@@ -38,6 +42,10 @@ VMM_SOCKET = "vmm.sock"
 VMM_EVENTS = "events.json"
 VMM_RECORD = "vmm.json"
 VMM_LOG = "logs/vmm.log"
+# An instance folder renamed so is a removal under way (a dot name is never read as an instance).
+TOMBSTONE_PREFIX = ".deleting-"
+# What a quarantined folder holds beside its contents: where it came from and why.
+QUARANTINE_NOTE = "QUARANTINE.json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,7 @@ from pathlib import Path
 
 from managers.atomic import write_json_atomic
 from managers.clock import iso_from_seconds, now_iso
-from managers.paths import Paths
-
-NOTE = "QUARANTINE.json"
+from managers.paths import QUARANTINE_NOTE, Paths
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +45,7 @@ def quarantine(paths: Paths, kind: str, folder: Path, reason: str) -> Path:
         target = target_dir / f"{folder.name}-{stamp}-{suffix}"
     os.rename(folder, target)
     write_json_atomic(
-        target / NOTE,
+        target / QUARANTINE_NOTE,
         {
             "kind": kind,
             "name": folder.name,
@@ -60,7 +58,7 @@ def quarantine(paths: Paths, kind: str, folder: Path, reason: str) -> Path:
 
 
 def quarantined(paths: Paths, kind: str) -> list[Quarantined]:
-    """Every quarantined folder of ``kind``, oldest first."""
+    """Every quarantined folder of ``kind``, sorted by folder name (``<name>-<UTC time>``)."""
     root = paths.quarantine_kind(kind)
     try:
         entries = sorted(entry for entry in root.iterdir() if entry.is_dir())
@@ -70,7 +68,7 @@ def quarantined(paths: Paths, kind: str) -> list[Quarantined]:
     for entry in entries:
         name, reason, at = entry.name.rsplit("-", 1)[0], "unknown", ""
         try:
-            note = json.loads((entry / NOTE).read_bytes())
+            note = json.loads((entry / QUARANTINE_NOTE).read_bytes())
             if isinstance(note, dict):
                 name = str(note.get("name", name))
                 reason = str(note.get("reason", reason))

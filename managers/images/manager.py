@@ -81,6 +81,7 @@ class _Counter:
         self.value = 0
 
     def add(self, n: int) -> None:
+        """Add ``n`` bytes to the count (thread-safe)."""
         with self._lock:
             self.value += n
 
@@ -127,6 +128,7 @@ class _Entry:
 
     @property
     def image(self) -> Image:
+        """The public image of this entry's record."""
         return self.record.image
 
 
@@ -240,9 +242,11 @@ class ImageManager:
         return entry
 
     async def get(self, name_or_digest: str) -> Image:
+        """The image a name or digest denotes; :class:`ImageNotFound` when there is none."""
         return self._lookup(name_or_digest).image
 
     async def list(self) -> builtins.list[Image]:
+        """Every image this node knows, oldest first (by ``created_at``)."""
         return sorted((e.image for e in self._entries.values()), key=lambda i: i.created_at)
 
     async def subscribe(self, name_or_digest: str) -> AsyncIterator[Image]:
@@ -271,6 +275,7 @@ class ImageManager:
         return entry.image
 
     def release(self, digest: str) -> None:
+        """Undo one :meth:`acquire` of ``digest``; an unknown or unheld digest is ignored."""
         entry = self._entries.get(digest)
         if entry is None or entry.refs == 0:
             return
@@ -281,6 +286,7 @@ class ImageManager:
 
     @contextlib.asynccontextmanager
     async def use(self, name_or_digest: str) -> AsyncIterator[Image]:
+        """Hold a ready image (:meth:`acquire`) for the duration of the ``async with`` block."""
         image = self.acquire(name_or_digest)
         try:
             yield image

@@ -1,9 +1,10 @@
 """What every instance operation shares: the records, live handles, ports and helpers.
 
 The operations (``create.py``, ``actions.py``, ``standby.py``, ``recovery.py``,
-``views.py``) are functions of a :class:`Context`; ``manager.py`` is the public surface
-that resolves names, takes the lock and calls them. Records live in memory, loaded once at
-start-up; the disk is written through on every change, so a read never touches it.
+``supervise.py``, ``views.py``) are functions of a :class:`Context`; ``manager.py`` is the
+public surface that resolves names, takes the lock and calls them. Records live in memory,
+loaded once at start-up; the disk is written through on every change, so a read never
+parses a record from disk.
 """
 
 from __future__ import annotations

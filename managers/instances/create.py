@@ -77,7 +77,13 @@ async def create(ctx: Context, request: CreateRequest, reserve: anyio.Lock) -> I
     live = ctx.live_for(instance_id)
     async with live.lock:
         try:
+            # A folder already there (never ours to remove) fails here, before anything is made.
             await anyio.to_thread.run_sync(ctx.store.create_folder, instance_id)
+        except BaseException:
+            ctx.images.release(image.digest)
+            ctx.forget(record)
+            raise
+        try:
             record = await ctx.save(record)
             failpoint("create.recorded")
             await create_overlay_disk(
@@ -230,10 +236,11 @@ def _check_name(ctx: Context, name: str) -> None:
 
 
 def _new_id(ctx: Context) -> str:
+    """48 random bits no instance, name or quarantined folder uses; the folder's own mkdir
+    refuses the rare id whose folder exists for another reason."""
     while True:
         candidate = secrets.token_hex(6)
-        taken = candidate in ctx.records or candidate in ctx.names or candidate in ctx.quarantined
-        if not taken and not ctx.paths.instance_dir(candidate).exists():
+        if not (candidate in ctx.records or candidate in ctx.names or candidate in ctx.quarantined):
             return candidate
 
 

@@ -2,7 +2,8 @@
 
 It resolves ids and names, takes the instance's lock, checks the transition table and
 hands the work to the operation modules (``create.py``, ``actions.py``, ``standby.py``,
-``recovery.py``, ``views.py``), which share a :class:`~managers.instances.context.Context`.
+``recovery.py``, ``supervise.py``, ``views.py``), which share a
+:class:`~managers.instances.context.Context`.
 One lock per instance serialises its actions; different instances never wait on each
 other. The state is never stored: it is derived from the files and the VMM.
 """
@@ -110,7 +111,7 @@ class InstanceManager:
 
     # -- queries ----------------------------------------------------------------------
     async def list(self, state: InstanceState | None = None) -> builtins.list[Instance]:
-        """Every instance, quarantined ones included, oldest first; optionally of one state."""
+        """Every instance, oldest first, then quarantined ones by id; optionally of one state."""
         ctx = self._ctx
         found = [
             await views.view(ctx, record)

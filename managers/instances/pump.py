@@ -7,8 +7,9 @@ restore, so before and after a standby are one stream), and reads the init's
 markers on the way to tell when the program started and how it exited.
 
 Its position in each raw file is saved in ``pump.json`` so a restarted
-dataplane continues where it stopped; a raw file that shrank or was replaced
-(a new VMM truncates it) is read from its beginning.
+dataplane continues where it stopped; a raw file that shrank or has another
+inode is read from its beginning, and so is the new serial file of a new VMM
+(the old one is removed first and the pump told so: :meth:`LogPump.new_serial`).
 
 The pumps of all running instances are driven by one :class:`PumpSet`: a single
 worker-thread hop per tick drains them all, where a task per instance cost a hop

@@ -11,8 +11,9 @@ Every folder under ``instances/`` is one of:
   ``Unknown`` instance with its quarantine, never deleted.
 - **a record with an intent**: an operation was cut short. Create is rolled back, delete
   and stop are finished, start is kept if its VM came up (else undone), standby is finished
-  if its snapshot was committed (else the VM is resumed), restore is kept if its VM runs
-  (else the standby stays).
+  if its snapshot was committed (else the VM is resumed unless it was paused before),
+  restore is kept if its VM runs (else the standby stays; a VMM that cannot be asked leaves
+  the instance ``Unknown`` with its intent, for stop or delete to settle).
 - **a record at rest**: its live VMM is re-adopted and its logs caught up.
 """
 

@@ -2,14 +2,16 @@
 
 Standby: record the intent, pause, snapshot into ``standby.partial/``, rename it to
 ``standby/`` (the commit point: from here the snapshot is the instance), end the VMM and
-its TAP, clear the intent. A crash before the rename leaves the running VM, which recovery
-resumes (discarding the partial snapshot); a crash after it leaves a complete standby,
-which recovery finishes. The VM is paused from the snapshot on, so nothing it does after
-the snapshot can be lost by committing it.
+its TAP, clear the intent. A crash before the rename leaves the VM, which recovery resumes
+unless standby found it paused (discarding the partial snapshot); a crash after it leaves a
+complete standby, which recovery finishes. The VM is paused from the snapshot on, so nothing
+it does after the snapshot can be lost by committing it.
 
 Restore: record the intent, recreate the TAP, restore in a fresh VMM, remove the snapshot,
 clear the intent. A crash before the VM runs leaves the standby (recovery ends the new VMM);
-once it runs, recovery keeps the VM and removes the snapshot: never both, never neither.
+once it runs, recovery keeps the VM and removes the snapshot: never both, never neither. A new
+VMM that runs but cannot be asked leaves the instance ``Unknown``, its intent kept, until a
+stop (which drops the snapshot) or a delete settles it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 from managers.atomic import fsync_dir, write_json_atomic
 from managers.instances.errors import RecordInvalid
 from managers.instances.types import InstanceRecord
-from managers.paths import Paths
+from managers.paths import TOMBSTONE_PREFIX, Paths
 
 
 @dataclass(slots=True)
@@ -30,10 +30,6 @@ class Scan:
     unreadable: dict[str, str] = field(default_factory=dict)
     # folders with no record and nothing but temporaries: a create killed in its first write
     unborn: list[str] = field(default_factory=list)
-
-
-# Folders named so are removals under way; dot-named folders are never read as instances.
-_TOMBSTONE = ".deleting-"
 
 
 class InstanceStore:
@@ -74,7 +70,7 @@ class InstanceStore:
         back as a quarantined folder, and no half-removed instance is ever seen.
         """
         folder = self._paths.instance_dir(instance_id)
-        tombstone = folder.with_name(f"{_TOMBSTONE}{instance_id}-{secrets.token_hex(4)}")
+        tombstone = folder.with_name(f"{TOMBSTONE_PREFIX}{instance_id}-{secrets.token_hex(4)}")
         try:
             os.rename(folder, tombstone)
         except FileNotFoundError:
@@ -86,7 +82,7 @@ class InstanceStore:
         """Finish removals a crash cut short; returns the tombstones removed."""
         try:
             entries = [
-                e for e in os.scandir(self._paths.instances) if e.name.startswith(_TOMBSTONE)
+                e for e in os.scandir(self._paths.instances) if e.name.startswith(TOMBSTONE_PREFIX)
             ]
         except FileNotFoundError:
             return []

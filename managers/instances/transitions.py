@@ -1,7 +1,9 @@
 """The one table of instance actions: which states each accepts, and where it leads.
 
-Every action checks the derived state against this table under the instance's lock, and
-answers with the state it leads to without asking the VMM again. ``INITIALIZING`` as a
+Every action checks the derived state against this table under the instance's lock (pause
+and resume on a VMM that is held and reachable let the VMM refuse instead, and read the state
+only to explain a refusal), and answers with the state it leads to without asking the VMM
+again. ``INITIALIZING`` as a
 destination means "awake": the view reads ``Running`` once the guest's program has started.
 """
 

@@ -275,8 +275,8 @@ class InstanceRecord:
     intent: Intent | None = None
     restart_policy: RestartPolicy = RestartPolicy.NO
     keep_on_exit: bool = False
-    # The program exited and its policy restarts it: set when its VMM is released, cleared
-    # by the next start (by the supervisor or by hand).
+    # The program exited and its policy restarts it: set before its VMM is released, cleared
+    # by the next start that boots it (by the supervisor or by hand).
     restart_pending: bool = False
 
     def evolve(self, **changes: Any) -> InstanceRecord:

@@ -19,13 +19,15 @@ class NetworkManager:
 
     Lifecycle as the instances manager drives it::
 
-        await net.start(known_instance_ids)          # once, at service start
+        await net.start(known_instance_ids)          # once: on first use, or at service start
+                                                     # when the bridge already exists
         alloc = await net.allocate(iid, taken)       # create: pick address + MAC
-        ... write alloc.to_dict() into the instance metadata ...
-        tap = await net.create_tap(iid, alloc)       # create / restore: TAP for the VMM
+        ... record alloc's address and MAC in the instance metadata ...
+        tap = await net.create_tap(iid, alloc)       # create / start / restore: TAP for the VMM
         await net.delete_tap(iid)                    # standby / stop / delete: TAP gone
         await net.release(iid)                       # delete (or failed create): address free
-        await net.close()                            # service stop; bridge, NAT and TAPs stay
+        await net.close()                            # netlink socket closed (the service does
+                                                     # not call it); bridge, NAT and TAPs stay
 
     The bridge, the NAT table and live TAPs outlive the service on purpose: VMMs keep running
     across a restart of the agent, and their TAPs with them.
@@ -39,6 +41,7 @@ class NetworkManager:
 
     @property
     def settings(self) -> NetworkSettings:
+        """The bridge, subnet, gateway, DNS, NAT and isolation settings this manager applies."""
         return self._settings
 
     @staticmethod
@@ -118,6 +121,7 @@ class NetworkManager:
         )
 
     async def close(self) -> None:
+        """Close the netlink socket; the bridge, the NAT table and the TAPs stay."""
         await self._links.close()
 
     async def _remove_orphans(self, expected: set[str]) -> list[str]:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -30,7 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from openapi_core.datatypes import RequestParameters
 
 from dataplane.contract import Contract, _HeaderDict, _MultiDict, _Request, _Response
+from dataplane.controllers.instances import instance_json
 from dataplane.spec import Spec
+from managers.instances.types import (
+    GuestStatus,
+    ImageRef,
+    Instance,
+    InstanceRecord,
+    InstanceState,
+    NetworkRecord,
+)
 from tests.support.server import run_server
 
 ENDPOINTS = ("/health", "/spec.json")
@@ -47,33 +57,49 @@ def measure(client: httpx.Client, path: str, count: int) -> list[float]:
     return samples
 
 
-INSTANCE = {
-    "id": "0123456789ab",
-    "name": "web-0",
-    "state": "Running",
-    "image": "registry.example:5000/team/web:1.4",
-    "image_digest": "sha256:" + "ab" * 32,
-    "hypervisor": "cloud-hypervisor",
-    "vcpus": 2,
-    "memory_mb": 512,
-    "memory_max_mb": 1024,
-    "overlay_size_mb": 1024,
-    "env": {"PORT": "8080", "MODE": "production"},
-    "entrypoint": None,
-    "cmd": ["/app/web", "--port", "8080"],
-    "workdir": "/app",
-    "network": {"enabled": True, "ip": "10.100.0.7", "mac": "02:00:0a:64:00:07", "gateway": None},
-    "created_at": "2026-11-23T10:00:00.000Z",
-    "program_started_at": "2026-11-23T10:00:01.250Z",
-    "exit_code": None,
-    "error": None,
-    "pid": 4242,
-}
+def sample_instance() -> dict[str, Any]:
+    """One instance as the API serves it, made by the API's own serializer so it cannot drift."""
+    record = InstanceRecord(
+        id="0123456789ab",
+        name="web-0",
+        created_at="2026-11-23T10:00:00.000Z",
+        image=ImageRef(
+            name="registry.example:5000/team/web:1.4",
+            digest="sha256:" + "ab" * 32,
+            format="erofs",
+            disk="/var/lib/dataplane/images/ab/rootfs.erofs",
+        ),
+        hypervisor="cloud-hypervisor",
+        vcpus=2,
+        memory_mb=512,
+        memory_max_mb=1024,
+        overlay_size_mb=1024,
+        env={"PORT": "8080", "MODE": "production"},
+        entrypoint=None,
+        cmd=("/app/web", "--port", "8080"),
+        workdir="/app",
+        network=NetworkRecord(
+            enabled=True, address="10.100.0.7/24", mac="02:00:0a:64:00:07", gateway="10.100.0.1"
+        ),
+        booted=True,
+    )
+    guest = GuestStatus(boot=1, program_started_at="2026-11-23T10:00:01.250Z")
+    return instance_json(
+        Instance(
+            id=record.id,
+            name=record.name,
+            state=InstanceState.RUNNING,
+            guest=guest,
+            record=record,
+            pid=4242,
+        )
+    )
 
 
 def list_check_ms(contract: Contract, count: int, rounds: int = 60) -> float:
     """Median time to check one GET /instances answer of ``count`` instances."""
-    body = json.dumps([dict(INSTANCE, name=f"web-{n}") for n in range(count)]).encode()
+    instance = sample_instance()
+    body = json.dumps([dict(instance, name=f"web-{n}") for n in range(count)]).encode()
     request = _Request(
         method="get",
         path="/instances",

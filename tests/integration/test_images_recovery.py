@@ -26,8 +26,8 @@ import pytest
 from managers.images import ImageInUse, ImageManager, ImageNotFound, ImageStatus
 from managers.images.scratch import DEFAULT_SCRATCH
 from managers.images.types import Image
+from managers.paths import QUARANTINE_NOTE as NOTE
 from managers.paths import Paths
-from managers.quarantine import NOTE
 from tests.support.oci_builder import BuiltImage, LayerBuilder, Pusher, make_image
 from tests.support.registry import LocalRegistry, registry_available, running_registry
 

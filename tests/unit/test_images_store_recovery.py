@@ -15,8 +15,8 @@ import pytest
 from managers.images import references
 from managers.images.store import Record, RecordStore
 from managers.images.types import Image, ImageStatus
+from managers.paths import QUARANTINE_NOTE as NOTE
 from managers.paths import Paths
-from managers.quarantine import NOTE
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
