@@ -26,6 +26,7 @@ import pytest
 
 from managers.failpoints import STEPS
 from managers.network.addressing import tap_name
+from managers.network.nat import nat_comment
 from tests.support.apps import COUNTER, busybox_layers
 from tests.support.artifacts import shared_artifacts
 from tests.support.ch_simulator import WRAPPER as SIMULATOR
@@ -212,6 +213,14 @@ def _assert_accounted_for(node: Node, listed: list[dict[str, Any]]) -> None:
         tap_name(item["id"]) for item in listed if item["pid"] is not None and item["network"]
     }
     assert _taps(node.namespace) == expected_taps
+    # The one NAT rule of ours, once, wherever the bridge is up: a restart replaces the
+    # table, never adds to it. (The bridge, and its rule, come with the first network use.)
+    bridge = subprocess.run(
+        ["ip", "netns", "exec", node.namespace, "ip", "link", "show", "vmbr0"],
+        capture_output=True,
+    )
+    rules = [f"masquerade {nat_comment('vmbr0')}"] if bridge.returncode == 0 else []
+    assert _nat_rules(node.namespace) == rules
     instances = node.data_dir / "instances"
     assert {folder.name for folder in instances.iterdir()} == ids
     assert list(instances.glob("*/standby.partial")) == []
@@ -236,6 +245,20 @@ def _vmm_processes(data_dir: Path) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def _nat_rules(namespace: str) -> list[str]:
+    """Every rule in the namespace's nftables that masquerades, with its comment."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", namespace, "nft", "list", "ruleset"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rules = []
+    for line in out.splitlines():
+        if "masquerade" in line:
+            comment = line.split('comment "', 1)[1].rstrip('"') if "comment" in line else ""
+            rules.append(f"masquerade {comment}")
+    return rules
 
 
 def _taps(namespace: str) -> set[str]:
