@@ -13,8 +13,10 @@ kills the dataplane after a random delay of up to ``--window`` seconds, restarts
 Usage (root, QEMU installed)::
 
     .venv/bin/python scripts/chaos/random_kills.py --rounds 40 --window 2.5
+    .venv/bin/python scripts/chaos/random_kills.py --ops create,standby --window 1.0
 
-It prints one line a round and a summary; every count should be zero.
+It prints one line a round and a summary; every count should be zero (the exit code is 1
+otherwise).
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--window", type=float, default=2.5, help="longest delay before the kill")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--ops",
+        default=",".join(OPERATIONS),
+        help=f"operations to cut short, in turn (default {','.join(OPERATIONS)})",
+    )
     args = parser.parse_args()
+    operations = [op for op in args.ops.split(",") if op]
+    unknown = sorted(set(operations) - set(OPERATIONS))
+    if unknown or not operations:
+        parser.error(f"--ops takes some of {', '.join(OPERATIONS)}, not {', '.join(unknown)}")
     rng = random.Random(args.seed)
     artifacts = shared_artifacts()
     totals: Counter[str] = Counter()
@@ -73,7 +84,7 @@ def main() -> int:
         with run_server(data_dir, env, netns=netns, keep_vmms=True) as server:
             _import(server, archive)
         for round_number in range(args.rounds):
-            op = OPERATIONS[round_number % len(OPERATIONS)]
+            op = operations[round_number % len(operations)]
             delay = rng.uniform(0.0, args.window)
             found = _round(data_dir, env, netns, op, delay)
             totals.update(found)
