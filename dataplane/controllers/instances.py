@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -14,7 +15,13 @@ from litestar.response import Stream
 from dataplane import sse
 from dataplane.errors import ApiError
 from dataplane.runtime import Runtime
-from managers.instances import CreateRequest, Instance, InstanceManager, InstanceState
+from managers.instances import (
+    CreateRequest,
+    Instance,
+    InstanceManager,
+    InstanceNotFound,
+    InstanceState,
+)
 from managers.instances.logs import LogLine
 
 
@@ -166,19 +173,40 @@ class InstancesController(Controller):
                 yield _log_event(line)
             if not follow:
                 return
+            sent = position
             idle_since = time.monotonic()
             async for batch in log_file.follow(position):
                 if batch:
                     idle_since = time.monotonic()
                     for line in batch:
                         yield _log_event(line)
-                elif time.monotonic() - idle_since >= keepalive:
+                    sent = batch[-1].offset
+                    continue
+                try:
+                    done = await manager.finished(instance_id)
+                except InstanceNotFound:
+                    return  # deleted: nothing more will ever be written
+                if done is not None:
+                    # Whatever the pump copied last (a final line without its newline too).
+                    rest, _ = await manager.read_log(instance_id, source, after=sent, tail=None)
+                    for line in rest:
+                        yield _log_event(line)
+                    yield sse.event(json.dumps(_end(done)), name="end")
+                    return
+                if time.monotonic() - idle_since >= keepalive:
                     idle_since = time.monotonic()
-                    if not await manager.exists(instance_id):
-                        return  # deleted: nothing more will ever be written
                     yield sse.KEEPALIVE
 
         return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)
+
+
+def _end(instance: Instance) -> dict[str, Any]:
+    """The data of a follow's last event: how the instance stands now that it is quiet."""
+    return {
+        "state": str(instance.state),
+        "exit_code": instance.guest.exit_code,
+        "error": instance.guest.error,
+    }
 
 
 def _log_event(line: LogLine) -> bytes:

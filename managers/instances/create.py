@@ -133,8 +133,9 @@ async def delete(ctx: Context, record: InstanceRecord, live: Live) -> None:
 async def remove(ctx: Context, record: InstanceRecord, live: Live) -> None:
     """End and remove whatever the instance has; every step tolerates what is already gone.
 
-    For a delete, a create rolled back, and recovery finishing either. The record goes
-    last but for the folder, so a crash part-way leaves the intent for the next start.
+    For a delete, a create rolled back, and recovery finishing either. The folder, record
+    included, goes last (renamed to a tombstone in one step), so a crash before that leaves
+    the record and its intent for the next start, and a crash after it only the tombstone.
     """
     instance_id = record.id
     network = ctx.network if record.network.enabled else None

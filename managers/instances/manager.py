@@ -24,7 +24,6 @@ from managers.hypervisors import WrongState as HypervisorWrongState
 from managers.instances import actions, create, recovery, standby, supervise, views
 from managers.instances.context import Context, ImageSource, Live, NetworkPort, log
 from managers.instances.errors import (
-    InstanceNotFound,
     InstanceQuarantined,
     InvalidInstanceSpec,
     WrongInstanceState,
@@ -132,14 +131,6 @@ class InstanceManager:
             return self._quarantined_view(key)
         return await views.view(ctx, ctx.record(instance_id))
 
-    async def exists(self, key: str) -> bool:
-        """Whether an instance (not a quarantined one) has this id or name."""
-        try:
-            self._ctx.resolve(key)
-        except (InstanceNotFound, InstanceQuarantined):
-            return False
-        return True
-
     # -- create / delete --------------------------------------------------------------
     async def create(self, request: CreateRequest) -> Instance:
         """Make an instance from an image, booted unless ``request.start`` is false."""
@@ -240,6 +231,27 @@ class InstanceManager:
         if tail is not None:
             return await anyio.to_thread.run_sync(lambda: log_file.tail(tail, final=final))
         return await anyio.to_thread.run_sync(lambda: log_file.read_lines(0, final=final))
+
+    async def finished(self, key: str) -> Instance | None:
+        """The instance once nothing more will be written to its logs; None while it may be.
+
+        That is when no action is under way, no restart is due, and either it has no VMM or
+        its program has exited and the VMM is kept (``keep_on_exit``); otherwise the exit is
+        final once the supervisor has released the VMM, so the state said last is ``Stopped``.
+        Raises ``InstanceNotFound`` once it is deleted.
+        """
+        ctx = self._ctx
+        instance_id = ctx.resolve(key)
+        record = ctx.record(instance_id)
+        live = ctx.live_for(instance_id)
+        if live.lock.locked() or live.unreachable is not None:
+            return None
+        if record.restart_pending or live.restart_at is not None:
+            return None
+        if live.vmm is not None and (live.pump.status.exited_at is None or not record.keep_on_exit):
+            return None
+        await anyio.to_thread.run_sync(live.pump.drain)
+        return await views.view(ctx, record)
 
     # -- quarantined instances --------------------------------------------------------
     async def _quarantined(self) -> builtins.list[Instance]:

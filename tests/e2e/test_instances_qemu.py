@@ -7,6 +7,7 @@ so after standby and restore the next line must be the next number, not ``count 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -84,6 +85,7 @@ class Follower:
 
     def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         self.events: list[tuple[int, str]] = []
+        self.ended: object = None  # the data of the stream's `end` event, once it came
         self.closed = threading.Event()
         self._client = httpx.Client(timeout=httpx.Timeout(BOUND, read=None))
         self._stream = self._client.stream("GET", url, headers=headers)
@@ -96,7 +98,10 @@ class Follower:
             with self._stream as response:
                 assert response.status_code == 200
                 for line in response.iter_lines():
-                    if line == "" and "id" in current:
+                    if line == "" and current.get("event") == "end":
+                        self.ended = json.loads(current.get("data", "null"))
+                        current = {}
+                    elif line == "" and "id" in current:
                         self.events.append((int(current["id"]), current.get("data", "")))
                         current = {}
                     elif ": " in line and not line.startswith(":"):
@@ -211,6 +216,30 @@ def test_program_exit_releases_the_vmm_and_keeps_the_exit_code(live: Live) -> No
     assert gone(pid), "the VMM, and the guest memory it holds, is released"
     body = client.get(f"/instances/{instance_id}/logs").text
     assert "data: bye" in body
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
+
+
+def test_a_follow_ends_once_the_program_exited(live: Live) -> None:
+    client = live.client
+    response = client.post(
+        "/instances",
+        json={
+            "name": "brief",
+            "image": live.source.image,
+            "entrypoint": ["/bin/sh", "-c", "echo one; sleep 1; echo two; exit 4"],
+        },
+    )
+    assert response.status_code == 201, response.text
+    instance_id = response.json()["id"]
+    follower = Follower(f"{live.server.url}/instances/{instance_id}/logs?follow=true")
+    try:
+        assert follower.closed.wait(BOUND), "the follow ended by itself"
+    finally:
+        follower.close()
+    texts = [text for _, text in follower.events]
+    assert "one" in texts
+    assert "two" in texts
+    assert follower.ended == {"state": "Stopped", "exit_code": 4, "error": None}
     assert client.delete(f"/instances/{instance_id}").status_code == 204
 
 

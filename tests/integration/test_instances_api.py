@@ -438,3 +438,18 @@ def test_a_damaged_vmm_record_shows_unknown_and_stop_ends_the_vmm(
         assert client.post(f"/instances/{running['id']}/start").status_code == 200
         assert client.delete(f"/instances/{running['id']}").status_code == 204
     assert not (data_dir / "quarantine").exists()
+
+
+def test_a_follow_of_an_instance_with_no_vmm_ends_after_its_backlog(world: World) -> None:
+    instance = create(world, "resting").json()
+    assert world.client.post(f"/instances/{instance['id']}/stop").status_code == 200
+    url = f"/instances/{instance['id']}/logs"
+    body = world.client.get(url, params={"follow": "true", "source": "dataplane"}).text
+    blocks = [block for block in body.split("\n\n") if block.strip()]
+    assert blocks, body
+    *lines, last = blocks
+    assert lines, "the backlog comes first"
+    assert last.splitlines()[0] == "event: end", body[-300:]
+    end = json.loads(last.splitlines()[1].removeprefix("data: "))
+    assert end == {"state": "Stopped", "exit_code": None, "error": None}
+    world.client.delete(f"/instances/{instance['id']}")
