@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -197,19 +198,26 @@ def wait_count_above(client: httpx.Client, instance_id: str, floor: int) -> int:
         time.sleep(0.1)
 
 
-def test_program_exit_releases_the_vmm_and_keeps_the_exit_code(live: Live) -> None:
-    client = live.client
-    response = client.post(
+def run_script(live: Live, name: str, script: str, **extra: object) -> dict[str, Any]:
+    """Create an instance whose program is ``sh -c script``; the created instance."""
+    response = live.client.post(
         "/instances",
         json={
-            "name": "exiter",
+            "name": name,
             "image": live.source.image,
-            "entrypoint": ["/bin/sh", "-c", "echo bye; exit 7"],
+            "entrypoint": ["/bin/sh", "-c", script],
+            **extra,
         },
     )
     assert response.status_code == 201, response.text
-    instance_id = response.json()["id"]
-    pid = response.json()["pid"]
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def test_program_exit_releases_the_vmm_and_keeps_the_exit_code(live: Live) -> None:
+    client = live.client
+    created = run_script(live, "exiter", "echo bye; exit 7")
+    instance_id, pid = created["id"], created["pid"]
     instance = wait_state(client, instance_id, "Stopped")
     assert instance["exit_code"] == 7
     assert instance["pid"] is None
@@ -221,16 +229,7 @@ def test_program_exit_releases_the_vmm_and_keeps_the_exit_code(live: Live) -> No
 
 def test_a_follow_ends_once_the_program_exited(live: Live) -> None:
     client = live.client
-    response = client.post(
-        "/instances",
-        json={
-            "name": "brief",
-            "image": live.source.image,
-            "entrypoint": ["/bin/sh", "-c", "echo one; sleep 1; echo two; exit 4"],
-        },
-    )
-    assert response.status_code == 201, response.text
-    instance_id = response.json()["id"]
+    instance_id = run_script(live, "brief", "echo one; sleep 1; echo two; exit 4")["id"]
     follower = Follower(f"{live.server.url}/instances/{instance_id}/logs?follow=true")
     try:
         assert follower.closed.wait(BOUND), "the follow ended by itself"
@@ -245,17 +244,7 @@ def test_a_follow_ends_once_the_program_exited(live: Live) -> None:
 
 def test_keep_on_exit_keeps_the_vmm(live: Live) -> None:
     client = live.client
-    response = client.post(
-        "/instances",
-        json={
-            "name": "keeper",
-            "image": live.source.image,
-            "entrypoint": ["/bin/sh", "-c", "exit 3"],
-            "keep_on_exit": True,
-        },
-    )
-    assert response.status_code == 201, response.text
-    instance_id = response.json()["id"]
+    instance_id = run_script(live, "keeper", "exit 3", keep_on_exit=True)["id"]
     deadline = time.monotonic() + BOUND
     # The VMM may report the guest off a moment before its exit marker is read.
     while (instance := client.get(f"/instances/{instance_id}").json())["exit_code"] is None:
@@ -275,17 +264,7 @@ def test_on_failure_restarts_until_the_program_succeeds(live: Live) -> None:
     client = live.client
     # The overlay outlives a restart: the first run fails, the second finds its mark and succeeds.
     script = "if [ -e /app/ran ]; then echo second; exit 0; fi; touch /app/ran; echo first; exit 1"
-    response = client.post(
-        "/instances",
-        json={
-            "name": "flaky",
-            "image": live.source.image,
-            "entrypoint": ["/bin/sh", "-c", script],
-            "restart_policy": "on-failure",
-        },
-    )
-    assert response.status_code == 201, response.text
-    instance_id = response.json()["id"]
+    instance_id = run_script(live, "flaky", script, restart_policy="on-failure")["id"]
     deadline = time.monotonic() + BOUND
     while True:
         instance = client.get(f"/instances/{instance_id}").json()
