@@ -44,6 +44,7 @@ async def real_managers(runtime: Runtime) -> AsyncIterator[Managers]:
         insecure_registries=settings.insecure_registries,
     )
     await images.start()
+    network = NetworkManager(settings.network) if can_network() else None
     try:
         instances = InstanceManager(
             runtime.paths,
@@ -51,11 +52,15 @@ async def real_managers(runtime: Runtime) -> AsyncIterator[Managers]:
             backends=runtime.backends,
             default_hypervisor=runtime.hypervisor.kind,
             artifacts=runtime.guest_artifacts,
-            network=NetworkManager(settings.network) if can_network() else None,
+            network=network,
         )
         async with instances:
             yield Managers(images=images, instances=instances)
     finally:
+        # The bridge, NAT and TAPs stay for the VMMs that outlive us; only our netlink
+        # socket goes.
+        if network is not None:
+            await network.close()
         await images.close()
 
 

@@ -26,8 +26,8 @@ class NetworkManager:
         tap = await net.create_tap(iid, alloc)       # create / start / restore: TAP for the VMM
         await net.delete_tap(iid)                    # standby / stop / delete: TAP gone
         await net.release(iid)                       # delete (or failed create): address free
-        await net.close()                            # netlink socket closed (the service does
-                                                     # not call it); bridge, NAT and TAPs stay
+        await net.close()                            # service stop: netlink socket closed;
+                                                     # bridge, NAT and TAPs stay
 
     The bridge, the NAT table and live TAPs outlive the service on purpose: VMMs keep running
     across a restart of the agent, and their TAPs with them.
