@@ -103,17 +103,23 @@ async def test_follow_yields_new_lines(tmp_path: Path) -> None:
     await batches.aclose()
 
 
+def pump_in(folder: Path) -> LogPump:
+    """A pump whose files all live in ``folder``: ``serial.raw`` in, ``logs/`` out."""
+    logs = folder / "logs"
+    return LogPump(
+        serial_raw=folder / "serial.raw",
+        vmm_raw=folder / "vmm.log",
+        app_log=SegmentedLog(logs, "app"),
+        vmm_log=SegmentedLog(logs, "vmm"),
+        state_file=folder / "pump.json",
+        status_file=folder / "guest.json",
+    )
+
+
 def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) -> None:
     raw = tmp_path / "serial.raw"
     logs = tmp_path / "logs"
-    pump = LogPump(
-        serial_raw=raw,
-        vmm_raw=tmp_path / "vmm.log",
-        app_log=SegmentedLog(logs, "app"),
-        vmm_log=SegmentedLog(logs, "vmm"),
-        state_file=tmp_path / "pump.json",
-        status_file=tmp_path / "guest.json",
-    )
+    pump = pump_in(tmp_path)
     # A writer that keeps its own offset (not O_APPEND), as Cloud Hypervisor's serial file.
     with raw.open("wb", buffering=0) as writer:
         line = b"x" * 1023 + b"\n"
@@ -133,14 +139,7 @@ def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) ->
 def test_a_new_serial_file_is_read_from_its_start_even_with_the_old_inode(tmp_path: Path) -> None:
     raw = tmp_path / "serial.raw"
     logs = tmp_path / "logs"
-    pump = LogPump(
-        serial_raw=raw,
-        vmm_raw=tmp_path / "vmm.log",
-        app_log=SegmentedLog(logs, "app"),
-        vmm_log=SegmentedLog(logs, "vmm"),
-        state_file=tmp_path / "pump.json",
-        status_file=tmp_path / "guest.json",
-    )
+    pump = pump_in(tmp_path)
     raw.write_bytes(b"first boot\n@@dataplane-guest@@ program-exited code=1\n")
     pump.drain()
     assert pump.status.exit_code == 1
@@ -173,17 +172,6 @@ def test_tail_zero_starts_after_the_last_complete_line(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_one_pump_set_follows_every_instance_until_each_is_removed(tmp_path: Path) -> None:
-    def pump_in(folder: Path) -> LogPump:
-        folder.mkdir()
-        return LogPump(
-            serial_raw=folder / "serial.raw",
-            vmm_raw=folder / "vmm.log",
-            app_log=SegmentedLog(folder / "logs", "app"),
-            vmm_log=SegmentedLog(folder / "logs", "vmm"),
-            state_file=folder / "pump.json",
-            status_file=folder / "guest.json",
-        )
-
     def app_lines(folder: Path) -> list[bytes]:
         return lines_text(SegmentedLog(folder / "logs", "app").read_lines(0)[0])
 
@@ -193,6 +181,8 @@ async def test_one_pump_set_follows_every_instance_until_each_is_removed(tmp_pat
                 await anyio.sleep(0.01)
 
     one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
     pumps = PumpSet(poll_seconds=0.01, booting_poll_seconds=0.01)
     pumps.add("one", pump_in(one))
     pumps.add("two", pump_in(two))

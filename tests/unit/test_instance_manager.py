@@ -30,7 +30,7 @@ from managers.hypervisors import (
     VmSpec,
     VmState,
 )
-from managers.hypervisors.errors import VmmDied, wrong_state
+from managers.hypervisors.errors import InvalidRequest, VmmDied, wrong_state
 from managers.images.errors import ImageNotFound
 from managers.instances import (
     CreateRequest,
@@ -117,6 +117,8 @@ class FakeVmm:
         self._instance_id = instance_id
         self.vm: VmState = VmState.NOT_CREATED
         self.stopped = False
+        self.disks: list[str] = []
+        self.memory_mb = 0
 
     @property
     def instance_id(self) -> str:
@@ -133,6 +135,8 @@ class FakeVmm:
         if self.backend.fail_boot:
             raise VmmDied(self.instance_id, "the fake refuses to boot")
         self.vm = VmState.RUNNING
+        self.disks = [disk.id for disk in spec.disks]
+        self.memory_mb = spec.memory_mb
         script = self.backend.guest_script.pop(0) if self.backend.guest_script else None
         lines = ["init-started", "program-started"]
         if script is not None:
@@ -172,13 +176,19 @@ class FakeVmm:
         (destination / "memory").write_bytes(b"fake memory")
 
     async def add_disk(self, disk: DiskSpec) -> None:
-        raise NotImplementedError
+        if disk.id in self.disks:
+            raise InvalidRequest(self.instance_id, f"device id {disk.id!r} is already in use")
+        self.disks.append(disk.id)
 
     async def remove_disk(self, disk_id: str) -> None:
-        raise NotImplementedError
+        if disk_id not in self.disks:
+            raise InvalidRequest(self.instance_id, f"no disk with id {disk_id!r}")
+        self.disks.remove(disk_id)
 
     async def resize_memory(self, memory_mb: int) -> None:
-        raise NotImplementedError
+        if memory_mb <= self.memory_mb:
+            raise InvalidRequest(self.instance_id, "memory can only grow")
+        self.memory_mb = memory_mb
 
     async def stop(self) -> None:
         self.stopped = True
