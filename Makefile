@@ -26,6 +26,7 @@ bench: setup
 	$(PY) scripts/bench/images.py
 	$(PY) scripts/bench/guest.py
 	$(PY) scripts/bench/lifecycle.py
+	$(PY) scripts/bench/agent.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

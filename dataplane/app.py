@@ -25,6 +25,7 @@ from dataplane.auth import AuthMiddleware
 from dataplane.bootstrap import ManagerFactory, real_managers
 from dataplane.contract import ContractMiddleware
 from dataplane.controllers.docs import DocsController
+from dataplane.controllers.guest import GuestController
 from dataplane.controllers.images import ImagesController
 from dataplane.controllers.instances import InstancesController
 from dataplane.controllers.meta import MetaController
@@ -44,7 +45,13 @@ def create_app(settings: Settings, *, managers: ManagerFactory = real_managers) 
         return runtime
 
     app = Litestar(
-        route_handlers=[MetaController, DocsController, ImagesController, InstancesController],
+        route_handlers=[
+            MetaController,
+            DocsController,
+            ImagesController,
+            InstancesController,
+            GuestController,
+        ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[runtime.lifespan],

@@ -42,6 +42,33 @@ async def send_error(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def refuse_websocket(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Refuse a WebSocket handshake with an HTTP answer in the error shape.
+
+    Servers with ASGI's ``websocket.http.response`` extension (uvicorn's wsproto) send it as
+    is; others can only close, which their clients see as 403."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    body = error_body(code, message)
+    raw_headers = [
+        (b"content-type", JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw_headers.extend(
+        (k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items()
+    )
+    await send({"type": "websocket.http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
 class BodyTooLarge(Exception):
     pass
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import jwt
 
-from dataplane.asgi import ASGIApp, Receive, Scope, Send, header, send_error
+from dataplane.asgi import ASGIApp, Receive, Scope, Send, header, refuse_websocket, send_error
 from dataplane.spec import Spec
 
 log = logging.getLogger("dataplane.auth")
@@ -39,24 +39,27 @@ class AuthMiddleware:
     jwt_secret: str | None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not (self.token or self.jwt_secret):
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or not (self.token or self.jwt_secret):
             await self.app(scope, receive, send)
             return
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        match = self.spec.match(scope["method"], raw_path.split("?", 1)[0])
+        # A WebSocket handshake is a GET.
+        method = scope["method"] if kind == "http" else "GET"
+        match = self.spec.match(method, raw_path.split("?", 1)[0])
         if match is not None and match.operation.open:
             await self.app(scope, receive, send)
             return
         try:
             self._check(header(scope, b"authorization"))
         except _Rejected as rejected:
-            await send_error(
-                send,
-                401,
-                "unauthorized",
-                str(rejected),
-                headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
-            )
+            challenge = {"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'}
+            if kind == "http":
+                await send_error(send, 401, "unauthorized", str(rejected), headers=challenge)
+            else:
+                await refuse_websocket(
+                    scope, send, 401, "unauthorized", str(rejected), headers=challenge
+                )
             return
         await self.app(scope, receive, send)
 

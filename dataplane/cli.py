@@ -111,6 +111,8 @@ def server_config(app: Callable[..., Any], settings: Settings) -> uvicorn.Config
         server_header=False,
         # Chosen rather than "auto": httptools, when installed, has no header size limit.
         http=HeadLimitedH11Protocol,
+        # wsproto (pure Python, on h11) serves the interactive exec WebSocket.
+        ws="wsproto",
         # SSE followers would otherwise hold a SIGTERM shutdown open forever.
         timeout_graceful_shutdown=10,
     )

@@ -8,7 +8,7 @@ the router:
   reaches a handler;
 * a response that breaks the spec is logged as a contract violation, counted in
   :attr:`ContractMiddleware.violations` (tests fail on any), and replaced by a 500;
-* ``text/event-stream`` responses pass through unbuffered.
+* streamed responses (``text/event-stream``, file downloads) pass through unbuffered.
 
 Two caches keep the cost per request well under a millisecond: the operation is
 found by our own index (:mod:`dataplane.spec`) and openapi-core's path lookup is
@@ -48,7 +48,7 @@ from openapi_core.validation.schemas.factories import SchemaValidatorsFactory
 from openapi_core.validation.schemas.validators import SchemaValidator
 
 from dataplane.asgi import ASGIApp, BodyTooLarge, Message, Receive, Scope, Send, drain, send_error
-from dataplane.spec import Match, Spec
+from dataplane.spec import STREAMED_MEDIA_TYPES, Match, Spec
 
 log = logging.getLogger("dataplane.contract")
 
@@ -367,6 +367,10 @@ class ContractMiddleware:
         if match.operation.streams_request_body:
             errors = self.contract.request_errors(request, with_body=False)
             media_type = _mimetype(request.content_type)
+            if not media_type and "application/octet-stream" in match.operation.request_media_types:
+                # RFC 9110 8.3: a body without a Content-Type may be taken as octet-stream
+                # (what `curl -T` sends).
+                media_type = "application/octet-stream"
             if media_type not in match.operation.request_media_types:
                 accepted = ", ".join(match.operation.request_media_types)
                 errors.append(
@@ -427,7 +431,7 @@ class ContractMiddleware:
             if message["type"] == "http.response.start":
                 start = message
                 content_type = _response_header(message, b"content-type")
-                if match.operation.streaming and _mimetype(content_type) == "text/event-stream":
+                if match.operation.streaming and _mimetype(content_type) in STREAMED_MEDIA_TYPES:
                     streaming = True
                     await send(message)
                 return

@@ -17,6 +17,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from managers.agent import errors as agent_errors
 from managers.errors import DomainError
 from managers.guest import errors as guest_errors
 from managers.hypervisors import errors as hypervisor_errors
@@ -90,6 +91,16 @@ DOMAIN_ERRORS: dict[type[DomainError], int] = {
     instances_errors.InstanceError: 500,
     guest_errors.GuestError: 503,
     hypervisor_errors.HypervisorError: 500,
+    agent_errors.ExecFailed: 400,
+    agent_errors.InvalidGuestPath: 400,
+    agent_errors.GuestPermissionDenied: 403,
+    agent_errors.GuestPathNotFound: 404,
+    agent_errors.AgentDisconnected: 409,
+    agent_errors.GuestStorageFull: 507,
+    agent_errors.GuestOperationFailed: 502,
+    agent_errors.AgentProtocolError: 502,
+    agent_errors.AgentUnavailable: 503,
+    agent_errors.AgentError: 500,
     network_errors.AddressExhausted: 409,
     network_errors.NetworkError: 500,
     DomainError: 500,

@@ -142,9 +142,16 @@ class Spec:
         return None
 
 
+# Responses of these types are streams (SSE, file downloads): passed on as they are written,
+# never buffered to be checked.
+STREAMED_MEDIA_TYPES = frozenset(
+    {"text/event-stream", "application/octet-stream", "application/x-tar"}
+)
+
+
 def _is_streaming(op: dict[str, Any]) -> bool:
     for response in op.get("responses", {}).values():
-        if "text/event-stream" in (response.get("content") or {}):
+        if STREAMED_MEDIA_TYPES & set(response.get("content") or {}):
             return True
     return False
 

@@ -13,8 +13,8 @@ Layout::
     system/tmp/               scratch space for builds (emptied at start-up)
     images/<digest-hex>/      metadata.json, rootfs.erofs | rootfs.ext4
     images/tags/              a reference name -> digest map, one file per name
-    instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock, vmm.json,
-                              events.json (Cloud Hypervisor), guest.json, standby/ (and
+    instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock, agent.sock,
+                              vmm.json, events.json (Cloud Hypervisor), guest.json, standby/ (and
                               standby.partial/ while one is written),
                               logs/ (serial.raw and vmm.log as the VMM writes them;
                               app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
@@ -42,6 +42,8 @@ VMM_SOCKET = "vmm.sock"
 VMM_EVENTS = "events.json"
 VMM_RECORD = "vmm.json"
 VMM_LOG = "logs/vmm.log"
+# The host end of the guest agent's channel (a QEMU chardev, or Cloud Hypervisor's vsock).
+VMM_AGENT_SOCKET = "agent.sock"
 # An instance folder renamed so is a removal under way (a dot name is never read as an instance).
 TOMBSTONE_PREFIX = ".deleting-"
 # What a quarantined folder holds beside its contents: where it came from and why.

@@ -38,6 +38,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
         "pid": instance.pid,
         "restarts": instance.restarts,
         "quarantine": None,
+        "agent": {"ready": instance.agent.ready, "version": instance.agent.version},
     }
     quarantine = instance.quarantine
     if quarantine is not None:

@@ -11,7 +11,8 @@ The disk is a raw image with no filesystem (nothing to mount, nothing to format)
 Records, in order: ARG (1, one per argv item), ENV (2, ``NAME=value``), WORKDIR (3), USER (4),
 HOSTNAME (5), NET_ADDRESS (6: 4 address bytes + prefix length), NET_GATEWAY (7: 4 bytes),
 NET_DNS (8, text), NET_MAC (9: 6 bytes), VOLUME (10: u8 readonly, u16 LE source length, source,
-mount path). Strings are UTF-8 and carried as bytes, so they arrive exactly as given; the only
+mount path), AGENT (11, text: the guest agent's transport, ``virtio-serial:NAME`` or
+``vsock:PORT``). Strings are UTF-8 and carried as bytes, so they arrive exactly as given; the only
 byte they cannot hold is NUL, which ``execve`` cannot pass either.
 """
 
@@ -37,6 +38,8 @@ MAX_SERIAL = 20
 
 TAG_ARG, TAG_ENV, TAG_WORKDIR, TAG_USER, TAG_HOSTNAME = 1, 2, 3, 4, 5
 TAG_NET_ADDRESS, TAG_NET_GATEWAY, TAG_NET_DNS, TAG_NET_MAC, TAG_VOLUME = 6, 7, 8, 9, 10
+TAG_AGENT = 11
+_AGENT_TRANSPORT = re.compile(r"^(virtio-serial:[A-Za-z0-9_.-]{1,64}|vsock:[0-9]{1,10})$")
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
@@ -133,6 +136,13 @@ def encode_config(config: GuestConfig) -> bytes:
         seen.add(volume.mount_path)
         flag = 1 if volume.readonly else 0
         records.append(_record(TAG_VOLUME, struct.pack("<BH", flag, len(source)) + source + path))
+    if config.agent_transport:
+        if not _AGENT_TRANSPORT.fullmatch(config.agent_transport):
+            raise InvalidGuestConfig(
+                f"agent transport {config.agent_transport!r} is not virtio-serial:NAME or "
+                "vsock:PORT"
+            )
+        records.append(_record(TAG_AGENT, config.agent_transport.encode()))
     payload = b"".join(records)
     if len(payload) > MAX_PAYLOAD:
         raise InvalidGuestConfig(f"config of {len(payload)} bytes exceeds {MAX_PAYLOAD} bytes")

@@ -1,7 +1,8 @@
 """The initrd: our init, busybox-static and the guest's kernel modules, in one cpio.
 
-It is rebuilt only when the hash of its inputs changes: the init's source and compiler
-flags, the busybox binary, the kernel release and the bytes of every module it carries.
+It is rebuilt only when the hash of its inputs changes: the init's sources (the guest agent
+among them) and compiler flags, the busybox binary, the kernel release and the bytes of every
+module it carries.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from .kernel import Kernel
 from .modules import grouped_load_order, read_index
 from .process import run_tool
 
-INIT_SOURCE = Path(__file__).parent / "init" / "init.c"
+INIT_DIR = Path(__file__).parent / "init"
+# The guest agent is part of the init (a forked child, see init/agent.h); built on its own with
+# -DAGENT_STANDALONE it is a host program for tests and the Cloud Hypervisor simulator.
+AGENT_SOURCES = ("agent.c", "tar.c", "common.c")
+INIT_SOURCES = ("init.c", *AGENT_SOURCES)
 CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Wno-format-truncation")
 BUSYBOX = Path("/bin/busybox")
 MODULE_LIST = "etc/dataplane/modules"
@@ -61,8 +66,12 @@ def _inputs_hash(kernel: Kernel, busybox: bytes, modules: list[tuple[str, str]])
     digest = hashlib.sha256()
     for part in (LAYOUT_VERSION, " ".join(CFLAGS).encode(), kernel.release.encode()):
         digest.update(len(part).to_bytes(8, "little") + part)
-    for blob in (INIT_SOURCE.read_bytes(), busybox):
-        digest.update(hashlib.sha256(blob).digest())
+    # Every file of the init's folder, headers included, by name and content.
+    for source in sorted(INIT_DIR.iterdir()):
+        if source.is_file():
+            digest.update(source.name.encode() + b"\0")
+            digest.update(hashlib.sha256(source.read_bytes()).digest())
+    digest.update(hashlib.sha256(busybox).digest())
     for group, module in modules:
         digest.update(f"{group} {module}".encode() + b"\0")
         digest.update(hashlib.sha256((kernel.modules_dir / module).read_bytes()).digest())
@@ -72,8 +81,24 @@ def _inputs_hash(kernel: Kernel, busybox: bytes, modules: list[tuple[str, str]])
 async def compile_init(workdir: Path) -> Path:
     """Compile the init, statically linked, into ``workdir``."""
     output = workdir / "init"
+    sources = [INIT_DIR / name for name in INIT_SOURCES]
     await run_tool(
-        ["gcc", *CFLAGS, "-o", output, INIT_SOURCE], error=InitCompileError, what="compiling init"
+        ["gcc", *CFLAGS, "-o", output, *sources], error=InitCompileError, what="compiling init"
+    )
+    return output
+
+
+async def compile_standalone_agent(output: Path) -> Path:
+    """Compile the guest agent as a host program at ``output``.
+
+    It serves the agent protocol on a Unix socket: ``agent --listen-unix PATH [--user U]
+    [--workdir D] [--env K=V]...``; SET_TIME is answered without touching the host's clock.
+    """
+    sources = [INIT_DIR / name for name in AGENT_SOURCES]
+    await run_tool(
+        ["gcc", *CFLAGS, "-DAGENT_STANDALONE", "-o", output, *sources],
+        error=InitCompileError,
+        what="compiling the standalone agent",
     )
     return output
 

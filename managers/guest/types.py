@@ -68,6 +68,9 @@ class GuestConfig:
     hostname: str = ""
     network: NetworkConfig | None = None
     volumes: Sequence[VolumeSpec] = ()
+    agent_transport: str = ""
+    """Where the guest agent finds its channel: ``virtio-serial:NAME`` or ``vsock:PORT``; empty
+    lets the agent try both (see ``managers/agent/PROTOCOL.md``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entrypoint", tuple(self.entrypoint))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .agent_socket import agent_transport
 from .base import HypervisorBackend, Vmm
 from .errors import (
     HypervisorError,
@@ -53,6 +54,7 @@ __all__ = [
     "VmmRequestFailed",
     "VmmStartTimeout",
     "WrongState",
+    "agent_transport",
     "open_backend",
     "terminate_recorded",
     "vmm_pids",

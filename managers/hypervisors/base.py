@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from anyio.abc import ByteStream
+
 from .types import Acceleration, BackendKind, DiskSpec, SpecChanges, VmmInfo, VmSpec, VmState
 
 
@@ -66,6 +68,11 @@ class Vmm(Protocol):
 
     async def resize_memory(self, memory_mb: int) -> None:
         """Grow guest memory to ``memory_mb`` (up to the spec's ``memory_max_mb``)."""
+        ...
+
+    async def open_agent(self) -> ByteStream:
+        """A new connection to the guest agent's channel. Raises ``OSError`` while the VM has
+        no agent channel or nothing answers on it yet."""
         ...
 
     async def stop(self) -> None:

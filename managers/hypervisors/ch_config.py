@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .agent_socket import AGENT_VSOCK_CID
 from .types import DiskSpec, SpecChanges, VmSpec
 
 MIB = 1 << 20
@@ -24,7 +25,7 @@ def disk_config(disk: DiskSpec) -> dict[str, Any]:
     return config
 
 
-def vm_config(spec: VmSpec) -> dict[str, Any]:
+def vm_config(spec: VmSpec, agent_socket: Path | None = None) -> dict[str, Any]:
     memory: dict[str, Any] = {"size": spec.memory_mb * MIB}
     if spec.max_memory_mb > spec.memory_mb:
         memory["hotplug_size"] = (spec.max_memory_mb - spec.memory_mb) * MIB
@@ -42,6 +43,8 @@ def vm_config(spec: VmSpec) -> dict[str, Any]:
         "serial": {"mode": "File", "file": str(spec.serial_file)},
         "rng": {"src": "/dev/urandom"},
     }
+    if spec.agent and agent_socket is not None:
+        config["vsock"] = {"cid": AGENT_VSOCK_CID, "socket": str(agent_socket)}
     if spec.net is not None:
         config["net"] = [{"id": spec.net.id, "tap": spec.net.tap, "mac": spec.net.mac}]
     return config
@@ -62,6 +65,10 @@ def rewrite_snapshot_config(config: dict[str, Any], changes: SpecChanges) -> lis
             disk["path"] = str(new_path)
     if changes.serial_file is not None:
         config["serial"] = {"mode": "File", "file": str(changes.serial_file)}
+    vsock = config.get("vsock")
+    if changes.agent_socket is not None and isinstance(vsock, dict):
+        # A restored VMM makes its own vsock socket: in the instance's folder, not the source's.
+        vsock["socket"] = str(changes.agent_socket)
     if changes.tap is not None:
         nets = config.get("net") or []
         if len(nets) != 1:

@@ -11,13 +11,16 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import ByteStream
 
 from managers.atomic import write_json_atomic
 
+from .agent_socket import connect_hybrid_vsock
 from .ch_api import ChClient
 from .ch_config import MIB, disk_config, rewrite_snapshot_config, vm_config
 from .errors import (
@@ -122,7 +125,8 @@ class CloudHypervisorBackend:
         if not isinstance(config, dict):
             raise InvalidRequest(instance_id, "snapshot config.json is not an object")
         original = json.dumps(config, sort_keys=True)
-        problems = rewrite_snapshot_config(config, changes or SpecChanges())
+        changes = replace(changes or SpecChanges(), agent_socket=VmmFiles(workdir).agent_socket)
+        problems = rewrite_snapshot_config(config, changes)
         if problems:
             raise InvalidRequest(instance_id, "cannot restore: " + "; ".join(problems))
         if json.dumps(config, sort_keys=True) != original:
@@ -240,7 +244,7 @@ class ChVmm:
         problems = spec.problems()
         if problems:
             raise InvalidRequest(self.instance_id, "invalid VM spec: " + "; ".join(problems))
-        await self.api().put("vm.create", vm_config(spec))
+        await self.api().put("vm.create", vm_config(spec, self.files.agent_socket))
         try:
             await self.api().put("vm.boot")
         except BaseException:
@@ -338,6 +342,9 @@ class ChVmm:
                 f"not to {memory_mb}",
             )
         await self.api().put("vm.resize", {"desired_ram": memory_mb * MIB})
+
+    async def open_agent(self) -> ByteStream:
+        return await connect_hybrid_vsock(self.files.agent_socket)
 
     async def stop(self) -> None:
         if self.process.alive() and self._client is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from managers.atomic import write_json_atomic
-from managers.paths import VMM_EVENTS, VMM_LOG, VMM_RECORD, VMM_SOCKET
+from managers.paths import VMM_AGENT_SOCKET, VMM_EVENTS, VMM_LOG, VMM_RECORD, VMM_SOCKET
 
 from .errors import InvalidRequest
 
@@ -31,6 +31,11 @@ class VmmFiles:
         return self.workdir / VMM_SOCKET
 
     @property
+    def agent_socket(self) -> Path:
+        """The host end of the guest agent's channel."""
+        return self.workdir / VMM_AGENT_SOCKET
+
+    @property
     def events(self) -> Path:
         return self.workdir / VMM_EVENTS
 
@@ -45,16 +50,18 @@ class VmmFiles:
     def check(self, instance_id: str) -> None:
         if not self.workdir.is_absolute():
             raise InvalidRequest(instance_id, f"workdir {str(self.workdir)!r} must be absolute")
-        if len(str(self.socket).encode()) > _MAX_SOCKET_PATH:
-            raise InvalidRequest(
-                instance_id,
-                f"socket path {str(self.socket)!r} is longer than a Unix socket allows",
-            )
+        for socket in (self.socket, self.agent_socket):
+            if len(str(socket).encode()) > _MAX_SOCKET_PATH:
+                raise InvalidRequest(
+                    instance_id,
+                    f"socket path {str(socket)!r} is longer than a Unix socket allows",
+                )
 
     def prepare(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         # A socket left by a VMM that died makes the next one fail to bind.
         self.socket.unlink(missing_ok=True)
+        self.agent_socket.unlink(missing_ok=True)
 
     def write_record(self, record: dict[str, Any]) -> None:
         write_json_atomic(self.record, record)
@@ -69,6 +76,7 @@ class VmmFiles:
     def remove_runtime(self) -> None:
         """Forget the process: socket and record. Logs and event history stay."""
         self.socket.unlink(missing_ok=True)
+        self.agent_socket.unlink(missing_ok=True)
         self.record.unlink(missing_ok=True)
 
     def log_tail(self, limit: int = 400) -> str:

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import ByteStream
 
 from managers.atomic import write_json_atomic
 from managers.failpoints import failpoint
 
 from .accel import probe_acceleration
+from .agent_socket import connect_unix
 from .errors import (
     HypervisorError,
     InvalidRequest,
@@ -188,6 +190,7 @@ class QemuVmm:
             self.files.socket,
             self.acceleration,
             incoming,
+            self.files.agent_socket,
         )
         settings = self.backend.settings
         self.layout = layout
@@ -411,6 +414,11 @@ class QemuVmm:
             except (HypervisorError, TimeoutError):
                 pass
         await self._discard()
+
+    async def open_agent(self) -> ByteStream:
+        if self.layout is None or not self.layout.spec.agent:
+            raise ConnectionRefusedError("this VM has no agent channel")
+        return await connect_unix(self.files.agent_socket)
 
     async def close(self) -> None:
         self._known = None

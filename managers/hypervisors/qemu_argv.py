@@ -19,6 +19,10 @@ from .types import Acceleration, DiskSpec, VmSpec
 FIRST_SLOT = 3
 LAST_SLOT = 31
 MAX_DIMMS = 8
+# The guest agent's virtio-serial controller, its one port, and the port's name in the guest.
+AGENT_DEVICE = "agent"
+AGENT_CHARDEV = "agentchr"
+AGENT_PORT_NAME = "dataplane.agent"
 
 
 @dataclass(slots=True)
@@ -36,6 +40,8 @@ class QemuLayout:
             layout.slots[spec.net.id] = layout.free_slot()
         for disk in spec.disks:
             layout.slots[disk.id] = layout.free_slot()
+        if spec.agent:
+            layout.slots[AGENT_DEVICE] = layout.free_slot()
         return layout
 
     def free_slot(self) -> int:
@@ -107,6 +113,7 @@ def build_argv(
     socket: Path,
     acceleration: Acceleration,
     incoming: Path | None = None,
+    agent_socket: Path | None = None,
 ) -> list[str]:
     spec = layout.spec
     argv = [
@@ -145,6 +152,17 @@ def build_argv(
         for node in blockdev_args(disk):
             argv += ["-blockdev", _keyvals(node)]
         argv += ["-device", _keyvals(disk_device_args(disk, layout.slots[disk.id]))]
+    if spec.agent and agent_socket is not None:
+        # QEMU listens; the dataplane connects. Bytes it sends before the guest opens the port
+        # wait in the socket, so the agent's HELLO needs no retry loop.
+        argv += [
+            "-chardev",
+            f"socket,id={AGENT_CHARDEV},path={_opt(agent_socket)},server=on,wait=off",
+            "-device",
+            f"virtio-serial-pci,id={AGENT_DEVICE},bus=pci.0,addr={hex(layout.slots[AGENT_DEVICE])}",
+            "-device",
+            f"virtserialport,bus={AGENT_DEVICE}.0,chardev={AGENT_CHARDEV},name={AGENT_PORT_NAME}",
+        ]
     if incoming is not None:
         argv += ["-incoming", f"exec:cat {shlex.quote(str(incoming))}"]
     return argv

@@ -117,7 +117,9 @@ class VmSpec:
     """Everything needed to create and boot a VM.
 
     ``memory_max_mb`` above ``memory_mb`` reserves room for :meth:`Vmm.resize_memory`.
-    The serial console goes to ``serial_file``; no other console is attached.
+    The serial console goes to ``serial_file``; no other console is attached. ``agent`` adds
+    the guest agent's channel (a virtio-serial port on QEMU, vsock on Cloud Hypervisor), whose
+    host end is the VMM's ``agent.sock``.
     """
 
     kernel: Path
@@ -129,6 +131,7 @@ class VmSpec:
     memory_max_mb: int | None = None
     disks: tuple[DiskSpec, ...] = ()
     net: NetSpec | None = None
+    agent: bool = False
 
     @property
     def max_memory_mb(self) -> int:
@@ -175,6 +178,7 @@ class VmSpec:
             "memory_max_mb": self.memory_max_mb,
             "disks": [disk.to_json() for disk in self.disks],
             "net": self.net.to_json() if self.net else None,
+            "agent": self.agent,
         }
 
     @classmethod
@@ -189,6 +193,7 @@ class VmSpec:
             memory_max_mb=data.get("memory_max_mb"),
             disks=tuple(DiskSpec.from_json(d) for d in data.get("disks", [])),
             net=NetSpec.from_json(data["net"]) if data.get("net") else None,
+            agent=bool(data.get("agent", False)),
         )
 
 
@@ -205,6 +210,7 @@ class SpecChanges:
     tap: str | None = None
     kernel: Path | None = None
     initrd: Path | None = None
+    agent_socket: Path | None = None
 
     def apply(self, spec: VmSpec) -> VmSpec:
         disks = tuple(

@@ -45,6 +45,7 @@ async def boot(ctx: Context, record: InstanceRecord, live: Live, *, tap_failpoin
         await ctx.delete_tap(instance_id)
         raise
     ctx.start_pump(instance_id)
+    ctx.start_agent(instance_id, live)
 
 
 async def start(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:
@@ -73,7 +74,7 @@ async def stop(ctx: Context, record: InstanceRecord, live: Live, state: Instance
         with contextlib.suppress(HypervisorError):
             await live.vmm.shutdown(ctx.grace)
     failpoint("stop.shutdown")
-    await ctx.end_vmm(record.id, live)
+    await ctx.end_vmm(record.id, live, "the instance was stopped")
     if voided:
         await anyio.to_thread.run_sync(shutil.rmtree, void, True)
     await finish_stop(ctx, record, live)
@@ -89,9 +90,13 @@ async def finish_stop(ctx: Context, record: InstanceRecord, live: Live) -> None:
 
 async def reboot(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:
     assert live.vmm is not None
+    await ctx.stop_agent(live, "the instance rebooted")
     await anyio.to_thread.run_sync(live.pump.drain)
     await anyio.to_thread.run_sync(live.pump.new_boot)
-    await live.vmm.reboot()
+    try:
+        await live.vmm.reboot()
+    finally:
+        ctx.start_agent(record.id, live)
 
 
 async def pause(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
 
+from managers.agent import AgentLink
 from managers.guest import GuestArtifacts, kernel_cmdline
 from managers.guest.cmdline import qemu_extra
 from managers.hypervisors import (
@@ -95,6 +96,8 @@ class Live:
     handled_boot: int = -1
     restarts: int = 0
     restart_at: float | None = None
+    # The channel to the guest agent while the VMM runs (see ``start_agent``).
+    agent: AgentLink | None = None
 
 
 class Context:
@@ -122,6 +125,8 @@ class Context:
         self.quarantined: dict[str, QuarantineInfo] = {}  # original id -> where it went
         self.live: dict[str, Live] = {}
         self.pumps = PumpSet()
+        # Starts a background task for the manager's lifetime (set by the manager on entry).
+        self.spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] | None = None
         self._network_lock = anyio.Lock()
         self._network_started = False
 
@@ -219,9 +224,30 @@ class Context:
             with anyio.CancelScope(shield=True):
                 await self.network.delete_tap(instance_id)
 
+    # -- the guest agent ----------------------------------------------------------------
+    def start_agent(self, instance_id: str, live: Live) -> AgentLink | None:
+        """Keep a channel to the agent of the VMM ``live`` holds, from now until it ends."""
+        vmm = live.vmm
+        if vmm is None or self.spawn is None:
+            return None
+        if live.agent is None:
+            live.agent = AgentLink(instance_id, vmm.open_agent)
+            self.spawn(live.agent.run)
+        return live.agent
+
+    async def stop_agent(self, live: Live, reason: str) -> None:
+        """Close the agent's channel; operations on it fail with ``reason``."""
+        link, live.agent = live.agent, None
+        if link is not None:
+            with anyio.CancelScope(shield=True):
+                await link.stop(reason)
+
     # -- VMMs -------------------------------------------------------------------------
-    async def end_vmm(self, instance_id: str, live: Live) -> None:
+    async def end_vmm(
+        self, instance_id: str, live: Live, reason: str = "the instance's VMM ended"
+    ) -> None:
         """End every VMM of the instance: the handle, the recorded one, unrecorded ones."""
+        await self.stop_agent(live, reason)
         with anyio.CancelScope(shield=True):
             if live.vmm is not None:
                 with contextlib.suppress(Exception):
@@ -253,6 +279,7 @@ class Context:
             ),
             net=NetSpec(tap=network.tap or "", mac=network.mac or "") if network.enabled else None,
             serial_file=self.paths.instance_serial_raw(record.id),
+            agent=True,
         )
 
     def disk_paths(self, record: InstanceRecord) -> dict[str, Path]:

@@ -16,6 +16,7 @@ import anyio
 from managers.clock import now_iso
 from managers.failpoints import failpoint
 from managers.guest import GuestConfig, NetworkConfig, create_overlay_disk, write_config_disk
+from managers.hypervisors import BackendKind, agent_transport
 from managers.images.errors import ImageNotFound
 from managers.instances.actions import boot
 from managers.instances.context import Context, ImageLike, Live, log
@@ -124,7 +125,7 @@ async def delete(ctx: Context, record: InstanceRecord, live: Live) -> None:
     """Remove the instance and everything it owns (under its lock)."""
     record = await ctx.save(record.evolve(intent=Intent(IntentKind.DELETE, now_iso())))
     failpoint("delete.recorded")
-    await ctx.end_vmm(record.id, live)
+    await ctx.end_vmm(record.id, live, "the instance was deleted")
     failpoint("delete.vmm_stopped")
     await remove(ctx, record, live)
     log.info("deleted instance %s", record.id)
@@ -203,6 +204,7 @@ def guest_config(record: InstanceRecord, image: ImageLike) -> GuestConfig:
         )
         if network.enabled
         else None,
+        agent_transport=agent_transport(BackendKind(record.hypervisor)),
     )
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
+from managers.agent import AgentUnavailable, Channel
 from managers.guest import GuestArtifacts
 from managers.hypervisors import HypervisorBackend
 from managers.hypervisors import WrongState as HypervisorWrongState
@@ -39,6 +41,10 @@ from managers.instances.types import (
     InstanceState,
 )
 from managers.paths import Paths
+
+# How long an exec or file request waits for an agent that is not up yet (just booted, or
+# reconnecting after a restore).
+AGENT_WAIT_SECONDS = 10.0
 
 _Work = Callable[[Context, InstanceRecord, Live, InstanceState], Awaitable[None]]
 _WORK: dict[Action, _Work] = {
@@ -88,6 +94,12 @@ class InstanceManager:
         ctx = self._ctx
         self._tg = await self._exit_stack.enter_async_context(anyio.create_task_group())
         self._tg.start_soon(ctx.pumps.run)
+        tasks = self._tg
+
+        def spawn(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            tasks.start_soon(work)
+
+        ctx.spawn = spawn
         await recovery.recover(ctx)
         self._tg.start_soon(supervise.supervise, ctx)
         # The host bridge is made on first use, so a node whose instances never ask for a
@@ -174,6 +186,23 @@ class InstanceManager:
     async def restore(self, key: str) -> Instance:
         """Bring a standby instance back from its snapshot in a fresh VMM."""
         return await self._perform(key, Action.RESTORE)
+
+    # -- the guest agent --------------------------------------------------------------
+    async def agent(self, key: str, wait_seconds: float = AGENT_WAIT_SECONDS) -> Channel:
+        """The channel to a Running instance's agent, waiting up to ``wait_seconds`` for it."""
+        ctx = self._ctx
+        instance_id = ctx.resolve(key)
+        live = ctx.live_for(instance_id)
+        record = ctx.record(instance_id)
+        current = await views.state(ctx, record, live, owner=False)
+        if current is not InstanceState.RUNNING:
+            raise WrongInstanceState(
+                instance_id, Action.EXEC, current, TRANSITIONS[Action.EXEC].allowed()
+            )
+        link = live.agent
+        if link is None:
+            raise AgentUnavailable(f"instance {instance_id} has no channel to its agent")
+        return await link.channel(wait_seconds)
 
     async def _perform(self, key: str, action: Action) -> Instance:
         ctx = self._ctx

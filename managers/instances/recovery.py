@@ -168,6 +168,7 @@ async def _attach(ctx: Context, record: InstanceRecord, live: Live) -> None:
     workdir = ctx.paths.instance_dir(record.id)
     try:
         live.vmm = await backend.attach(record.id, workdir)
+        ctx.start_agent(record.id, live)
     except VmmNotFound:
         live.vmm = None
         # A VMM whose record is damaged is still ours: it is shown (Unknown) and ended by

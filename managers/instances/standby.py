@@ -29,6 +29,9 @@ from managers.instances.context import Context, Live, log
 from managers.instances.errors import ActionFailed
 from managers.instances.types import InstanceRecord, InstanceState, Intent, IntentKind
 
+# How long a restore waits for the agent to answer (and the guest clock to be set).
+RESTORE_CLOCK_WAIT_SECONDS = 5.0
+
 
 async def standby(ctx: Context, record: InstanceRecord, live: Live, state: InstanceState) -> None:
     """pause -> snapshot -> commit -> end the VMM and TAP; undone before the commit on failure."""
@@ -43,6 +46,8 @@ async def standby(ctx: Context, record: InstanceRecord, live: Live, state: Insta
     step = "pause"
     try:
         await anyio.to_thread.run_sync(shutil.rmtree, staging, True)
+        # Operations under way fail now, with a reason, rather than hang until a restore.
+        await ctx.stop_agent(live, "the instance went to standby")
         if not was_paused:
             await vmm.pause()
         failpoint("standby.paused")
@@ -73,6 +78,8 @@ async def undo_standby(ctx: Context, record: InstanceRecord, live: Live) -> None
         shutil.rmtree, ctx.paths.instance_standby_partial(record.id), True
     )
     intent = record.intent
+    if live.vmm is not None:
+        ctx.start_agent(record.id, live)
     if live.vmm is not None and intent is not None and not intent.was_paused:
         try:
             await live.vmm.resume()
@@ -88,7 +95,7 @@ async def finish_standby(ctx: Context, record: InstanceRecord, live: Live) -> No
     """After the commit: the snapshot is the instance, so the VMM and its TAP go."""
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(live.pump.drain)
-        await ctx.end_vmm(record.id, live)
+        await ctx.end_vmm(record.id, live, "the instance went to standby")
         await ctx.stop_pump(record.id, live)
         await ctx.delete_tap(record.id)
         await ctx.save(record.evolve(intent=None))
@@ -123,6 +130,23 @@ async def restore(ctx: Context, record: InstanceRecord, live: Live, state: Insta
         raise
     failpoint("restore.running")
     await finish_restore(ctx, record, live)
+    await _clock_set(ctx, record, live)
+
+
+async def _clock_set(ctx: Context, record: InstanceRecord, live: Live) -> None:
+    """Wait (bounded) for the agent's handshake, which sets the guest's clock from ours.
+
+    A guest snapshotted before its program started has no agent yet; nothing to wait for."""
+    link = ctx.start_agent(record.id, live)
+    if link is None or live.pump.status.program_started_at is None:
+        return
+    if not await link.handshake_after(0, RESTORE_CLOCK_WAIT_SECONDS):
+        log.warning(
+            "the agent did not answer within %g s of the restore; the guest's clock is set "
+            "when it does",
+            RESTORE_CLOCK_WAIT_SECONDS,
+            extra={"instance_id": record.id},
+        )
 
 
 async def undo_restore(ctx: Context, record: InstanceRecord, live: Live) -> None:

@@ -72,6 +72,7 @@ async def _exited(ctx: Context, instance_id: str, live: Live, status: GuestStatu
         # Re-checked under the lock: an action may have ended or replaced the VMM meanwhile.
         if record is None or live.vmm is None or live.pump.status.boot != status.boot:
             return
+        await ctx.stop_agent(live, "the program exited and the guest powered off")
         restart = wants_restart(record, status)
         if restart:
             # Recorded before the VMM is released, so a dataplane killed during the release

@@ -25,6 +25,9 @@ class Action(enum.StrEnum):
     RESUME = "resume"
     STANDBY = "standby"
     RESTORE = "restore"
+    # Not a change of state: exec and file operations through the guest agent need the
+    # program running, and are refused (as the rest are) by this table.
+    EXEC = "exec"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,4 +50,5 @@ TRANSITIONS: dict[Action, Transition] = {
     Action.RESUME: Transition(frozenset({_S.PAUSED}), _S.INITIALIZING),
     Action.STANDBY: Transition(_AWAKE | {_S.PAUSED}, _S.STANDBY),
     Action.RESTORE: Transition(frozenset({_S.STANDBY}), _S.INITIALIZING),
+    Action.EXEC: Transition(frozenset({_S.RUNNING}), _S.RUNNING),
 }

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from managers.agent import AgentInfo
 from managers.instances.errors import InvalidInstanceSpec, RecordInvalid
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
@@ -457,3 +458,4 @@ class Instance:
     pid: int | None = None
     quarantine: QuarantineInfo | None = None
     restarts: int = 0
+    agent: AgentInfo = field(default_factory=lambda: AgentInfo(ready=False))

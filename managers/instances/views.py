@@ -7,6 +7,7 @@ snapshot, else ``Stopped`` (``Created`` before the first boot); a VMM is asked, 
 
 from __future__ import annotations
 
+from managers.agent import AgentInfo
 from managers.hypervisors import HypervisorError, VmmDied, VmmNotFound, VmState
 from managers.instances.context import Context, Live, log
 from managers.instances.types import Instance, InstanceRecord, InstanceState
@@ -86,4 +87,5 @@ def snapshot(record: InstanceRecord, live: Live, current: InstanceState) -> Inst
         record=record,
         pid=pid or None,
         restarts=live.restarts,
+        agent=live.agent.info if live.agent is not None else AgentInfo(ready=False),
     )

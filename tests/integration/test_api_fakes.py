@@ -8,6 +8,7 @@ no TAP and no registry: the hypervisor, network and image ports are the fakes of
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -121,3 +122,98 @@ def test_an_archive_in_an_unknown_format_is_a_400(client: TestClient[Litestar]) 
     )
     assert answer.status_code == 400, answer.text
     assert client.get("/images").json() == []
+
+
+BINARY = {"content-type": "application/octet-stream"}
+
+
+def _running(client: TestClient[Litestar]) -> str:
+    created = client.post(
+        "/instances", json={"name": "box", "image": "app", "entrypoint": ["/app/run"]}
+    )
+    assert created.status_code == 201, created.text
+    instance_id: str = created.json()["id"]
+    for _ in range(200):
+        body = client.get(f"/instances/{instance_id}").json()
+        if body["state"] == "Running" and body["agent"]["ready"]:
+            return instance_id
+        time.sleep(0.02)
+    raise AssertionError(f"the fake agent never answered: {body}")
+
+
+def test_exec_through_a_running_instances_agent(client: TestClient[Litestar]) -> None:
+    instance_id = _running(client)
+    body = client.get(f"/instances/{instance_id}").json()
+    assert body["agent"] == {"ready": True, "version": "fake-agent 1"}
+    answer = client.post("/instances/box/exec", json={"command": ["exit=3", "a b"]})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert (result["exit_code"], result["stdout"], result["timed_out"]) == (
+        3,
+        "exit=3 a b\n",
+        False,
+    )
+    raw = client.post("/instances/box/exec", json={"command": ["x"], "encoding": "base64"})
+    assert raw.json()["stdout"] == "eAo="
+    absent = client.get("/instances/box/stat", params={"path": "/etc/none"})
+    assert absent.status_code == 404
+    assert absent.json()["code"] == "guest_path_not_found"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"command": []},
+        {"command": "ls"},
+        {"command": ["ls", 1]},
+        {"command": ["ls"], "env": {"A": 1}},
+        {"command": ["ls"], "env": {"A=B": "c"}},
+        {"command": ["ls"], "workdir": "relative"},
+        {"command": ["ls"], "timeout_seconds": 0},
+        {"command": ["ls"], "timeout_seconds": 3601},
+        {"command": ["ls"], "encoding": "latin-1"},
+        {"command": ["ls"], "stdin": "***", "encoding": "base64"},
+        {"command": ["ls"], "surprise": True},
+        ["ls"],
+    ],
+    ids=lambda body: str(body)[:40],
+)
+def test_a_bad_exec_is_a_400(client: TestClient[Litestar], body: object) -> None:
+    _running(client)
+    answer = client.post("/instances/box/exec", json=body)
+    assert answer.status_code == 400, answer.text
+    assert set(answer.json()) <= {"code", "message", "details"}
+
+
+def test_guest_operations_need_a_running_instance(client: TestClient[Litestar]) -> None:
+    created = client.post(
+        "/instances",
+        json={"name": "idle", "image": "app", "entrypoint": ["/app/run"], "start": False},
+    )
+    assert created.status_code == 201, created.text
+    for answer in (
+        client.post("/instances/idle/exec", json={"command": ["true"]}),
+        client.get("/instances/idle/stat", params={"path": "/"}),
+        client.get("/instances/idle/files", params={"path": "/"}),
+        client.put("/instances/idle/files", params={"path": "/x"}, content=b"data", headers=BINARY),
+    ):
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "wrong_state"
+        assert answer.json()["details"]["allowed_states"] == ["Running"]
+    missing = client.post("/instances/nobody/exec", json={"command": ["true"]})
+    assert missing.status_code == 404
+
+
+def test_a_bad_path_or_mode_is_a_400(client: TestClient[Litestar]) -> None:
+    _running(client)
+    for answer in (
+        client.get("/instances/box/stat", params={"path": "relative"}),
+        client.put(
+            "/instances/box/files",
+            params={"path": "/x", "mode": "999"},
+            content=b"",
+            headers=BINARY,
+        ),
+    ):
+        assert answer.status_code == 400, answer.text

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+from httpx_ws import WebSocketSession, WebSocketUpgradeError, connect_ws
 
 from tests.support.server import ROOT, RunningServer, run_server
 
@@ -162,3 +163,32 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(tmp_path: 
             cwd=tmp_path,
         )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def test_the_exec_websocket_is_authenticated(authed: RunningServer) -> None:
+    url = f"{authed.url}/instances/nobody/exec"
+    params = {"command": "true"}
+    with httpx.Client(timeout=10, params=params) as client:
+        with pytest.raises(WebSocketUpgradeError) as refused, connect_ws(url, client):
+            pass
+        assert refused.value.response.status_code == 401
+    # The same handshake by hand, to read the refusal's body: the error shape.
+    handshake = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    assert_401(httpx.get(url, params=params, headers=handshake, timeout=10))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    session: WebSocketSession
+    with (
+        httpx.Client(timeout=10, params=params, headers=bearer) as client,
+        connect_ws(url, client) as session,
+    ):
+        message = json.loads(session.receive_text())
+        assert message["type"] == "error"
+        assert message["code"] == "instance_not_found"
+    plain = httpx.get(url, params=params, headers=bearer, timeout=10)
+    assert plain.status_code == 426
+    assert plain.json()["code"] == "upgrade_required"

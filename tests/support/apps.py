@@ -14,7 +14,8 @@ from tests.support.oci_builder import LayerBuilder, Pusher, make_image
 BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "printf", "ls", "sleep", "date", "wget", "ip", "env", "true",
-    "expr", "seq", "hostname", "mkdir", "touch", "ping", "timeout",
+    "expr", "seq", "hostname", "mkdir", "touch", "ping", "timeout", "id", "pwd", "stty",
+    "head", "sha256sum", "ps", "grep", "kill",
 )  # fmt: skip
 
 # Prints an increasing counter every 200 ms. The count lives only in the
@@ -34,7 +35,9 @@ def busybox_layers(programs: dict[str, str]) -> list[tuple[bytes, str]]:
     base = LayerBuilder().dir("bin").file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
     for applet in APPLETS:
         base.symlink(f"bin/{applet}", "busybox")
-    base.dir("tmp", mode=0o1777).dir("etc").file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    base.dir("tmp", mode=0o1777).dir("etc")
+    base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/tmp:/bin/sh\n")
+    base.file("etc/group", b"root:x:0:\napp:x:1000:\n")
     app = LayerBuilder().dir("app")
     for path, text in programs.items():
         app.file(path.lstrip("/"), text.encode(), mode=0o755)

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import ByteStream
 
 from managers.guest import GuestArtifacts
 from managers.guest.markers import PREFIX
@@ -44,6 +45,7 @@ from managers.instances import (
 from managers.instances.types import GuestStatus, RestartPolicy
 from managers.network import Allocation, GuestNetwork
 from managers.paths import Paths
+from tests.support.fake_agent import open_fake_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -189,6 +191,11 @@ class FakeVmm:
         if memory_mb <= self.memory_mb:
             raise InvalidRequest(self.instance_id, "memory can only grow")
         self.memory_mb = memory_mb
+
+    async def open_agent(self) -> ByteStream:
+        if self.stopped or self.vm is not VmState.RUNNING:
+            raise ConnectionRefusedError("the fake guest is not running")
+        return await open_fake_agent()
 
     async def stop(self) -> None:
         self.stopped = True

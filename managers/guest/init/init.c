@@ -9,6 +9,9 @@
  *
  * An ACPI power-button press while the program runs is a graceful stop: SIGTERM,
  * SIGKILL after STOP_GRACE_MS, then the usual exit marker and power-off.
+ *
+ * Once the program runs, a forked child serves the host's guest agent protocol
+ * (agent.c); the init restarts it should it die.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -41,12 +44,14 @@
 #include <unistd.h>
 #include <grp.h>
 
+#include "agent.h"
+#include "common.h"
+
 #define MARKER_PREFIX "@@dataplane-guest@@ "
 #define CONFIG_MAGIC "DPGCFG01"
 #define CONFIG_HEADER 16
 #define CONFIG_MAX (16u << 20)
 #define MODULE_LIST "/etc/dataplane/modules"
-#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 /* After a power-button press the program gets SIGTERM and this long to exit before
  * SIGKILL.  The hosts force the VM off after 10 s; this leaves time to sync and power off. */
 #define STOP_GRACE_MS 8000
@@ -56,6 +61,10 @@
 #define MAX_POWER_BUTTONS 8
 /* The longest the init waits for the program's execve before loading the late modules. */
 #define EXEC_WAIT_MS 2000
+/* A guest agent that died is started again after AGENT_RESTART_MS, at most
+ * AGENT_MAX_RESTARTS times: one that cannot find its transport must not burn the vCPU. */
+#define AGENT_RESTART_MS 1000
+#define AGENT_MAX_RESTARTS 10
 
 enum tag {
     TAG_ARG = 1,
@@ -68,6 +77,7 @@ enum tag {
     TAG_NET_DNS = 8,
     TAG_NET_MAC = 9,
     TAG_VOLUME = 10,
+    TAG_AGENT = 11,
 };
 
 struct volume {
@@ -90,21 +100,8 @@ struct config {
     size_t ndns;
     struct volume *volumes;
     size_t nvolumes;
+    char *agent; /* the guest agent's transport; NULL: the agent's default */
 };
-
-static void write_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-}
 
 /* Markers start with a newline so they sit on a line of their own even when
  * the program's output did not end with one. */
@@ -172,28 +169,6 @@ static int mkdir_p(const char *path, mode_t mode)
         }
     }
     return 0;
-}
-
-static ssize_t read_small_file(const char *path, char *buf, size_t size)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, size - 1);
-    close(fd);
-    if (n < 0)
-        return -1;
-    buf[n] = '\0';
-    while (n > 0 && isspace((unsigned char)buf[n - 1]))
-        buf[--n] = '\0';
-    return n;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
 }
 
 /* ------------------------------------------------------------------ setup */
@@ -603,6 +578,11 @@ static void parse_config(const unsigned char *p, uint32_t len, struct config *cf
             cfg->nvolumes++;
             break;
         }
+        case TAG_AGENT:
+            cfg->agent = dup_text(v, vlen, "agent");
+            if (!agent_transport_valid(cfg->agent))
+                fail("bad-config", "agent transport %s is not virtio-serial:NAME or vsock:PORT", cfg->agent);
+            break;
         default:
             fail("bad-config", "unknown record tag %u", tag);
         }
@@ -795,180 +775,7 @@ static void build_root(const struct config *cfg)
 
 /* ------------------------------------------------------------------- user */
 
-struct identity {
-    uid_t uid;
-    gid_t gid;
-    char name[256];
-    char home[1024];
-    gid_t groups[64];
-    int ngroups;
-};
-
-static int all_digits(const char *s)
-{
-    if (!*s)
-        return 0;
-    for (; *s; s++)
-        if (!isdigit((unsigned char)*s))
-            return 0;
-    return 1;
-}
-
-/* Splits a colon-separated line in place; returns the number of fields. */
-static int split_fields(char *line, char **fields, int max)
-{
-    int n = 0;
-    line[strcspn(line, "\n")] = '\0';
-    fields[n++] = line;
-    for (char *p = line; *p && n < max; p++)
-        if (*p == ':') {
-            *p = '\0';
-            fields[n++] = p + 1;
-        }
-    return n;
-}
-
-static int lookup_passwd(const char *user, struct identity *id)
-{
-    FILE *f = fopen("/etc/passwd", "re");
-    if (!f)
-        return -1;
-    char line[2048];
-    char *fl[7];
-    int found = -1;
-    while (fgets(line, sizeof line, f)) {
-        if (split_fields(line, fl, 7) < 7)
-            continue;
-        int match = all_digits(user) ? (uid_t)strtoul(fl[2], NULL, 10) == (uid_t)strtoul(user, NULL, 10)
-                                     : strcmp(fl[0], user) == 0;
-        if (!match)
-            continue;
-        id->uid = (uid_t)strtoul(fl[2], NULL, 10);
-        id->gid = (gid_t)strtoul(fl[3], NULL, 10);
-        snprintf(id->name, sizeof id->name, "%s", fl[0]);
-        snprintf(id->home, sizeof id->home, "%s", fl[5]);
-        found = 0;
-        break;
-    }
-    fclose(f);
-    return found;
-}
-
-static int lookup_group(const char *group, gid_t *gid)
-{
-    FILE *f = fopen("/etc/group", "re");
-    if (!f)
-        return -1;
-    char line[4096];
-    char *fl[4];
-    int found = -1;
-    while (fgets(line, sizeof line, f)) {
-        if (split_fields(line, fl, 4) < 3 || strcmp(fl[0], group) != 0)
-            continue;
-        *gid = (gid_t)strtoul(fl[2], NULL, 10);
-        found = 0;
-        break;
-    }
-    fclose(f);
-    return found;
-}
-
-static void supplementary_groups(struct identity *id)
-{
-    id->groups[0] = id->gid;
-    id->ngroups = 1;
-    if (!id->name[0])
-        return;
-    FILE *f = fopen("/etc/group", "re");
-    if (!f)
-        return;
-    char line[4096];
-    char *fl[4];
-    while (fgets(line, sizeof line, f) && id->ngroups < 64) {
-        if (split_fields(line, fl, 4) < 4)
-            continue;
-        for (char *member = strtok(fl[3], ","); member; member = strtok(NULL, ",")) {
-            if (strcmp(member, id->name) == 0) {
-                gid_t g = (gid_t)strtoul(fl[2], NULL, 10);
-                if (g != id->gid)
-                    id->groups[id->ngroups++] = g;
-                break;
-            }
-        }
-    }
-    fclose(f);
-}
-
-/* Docker's rules: "user", "uid", "user:group", "uid:gid"; a numeric uid
- * missing from /etc/passwd is allowed, a name is not. */
-static int resolve_identity(const char *spec, struct identity *id, char *err, size_t errsize)
-{
-    memset(id, 0, sizeof *id);
-    snprintf(id->home, sizeof id->home, "/");
-    if (!spec || !*spec)
-        spec = "0";
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", spec);
-    char *group = strchr(buf, ':');
-    if (group)
-        *group++ = '\0';
-    if (lookup_passwd(buf, id) < 0) {
-        if (!all_digits(buf)) {
-            snprintf(err, errsize, "user %s not found in /etc/passwd", buf);
-            return -1;
-        }
-        id->uid = (uid_t)strtoul(buf, NULL, 10);
-        id->gid = 0;
-        id->name[0] = '\0';
-    }
-    if (group && *group) {
-        if (all_digits(group)) {
-            id->gid = (gid_t)strtoul(group, NULL, 10);
-        } else if (lookup_group(group, &id->gid) < 0) {
-            snprintf(err, errsize, "group %s not found in /etc/group", group);
-            return -1;
-        }
-        id->groups[0] = id->gid;
-        id->ngroups = 1;
-        return 0;
-    }
-    supplementary_groups(id);
-    return 0;
-}
-
 /* ---------------------------------------------------------------- program */
-
-static const char *env_get(char **envp, const char *name)
-{
-    size_t len = strlen(name);
-    for (char **e = envp; e && *e; e++)
-        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
-            return *e + len + 1;
-    return NULL;
-}
-
-static int find_program(const char *file, const char *path_env, char *out, size_t size)
-{
-    if (strchr(file, '/')) {
-        snprintf(out, size, "%s", file);
-        return access(out, F_OK);
-    }
-    const char *p = path_env ? path_env : DEFAULT_PATH;
-    while (1) {
-        const char *end = strchrnul(p, ':');
-        size_t dlen = (size_t)(end - p);
-        if (dlen == 0)
-            snprintf(out, size, "%s", file);
-        else
-            snprintf(out, size, "%.*s/%s", (int)dlen, p, file);
-        struct stat st;
-        if (stat(out, &st) == 0 && S_ISREG(st.st_mode) && access(out, X_OK) == 0)
-            return 0;
-        if (!*end)
-            return -1;
-        p = end + 1;
-    }
-}
 
 /* The child reports why it could not exec through a close-on-exec pipe:
  * "reason\0detail".  Nothing arrives when execve succeeded. */
@@ -1028,13 +835,6 @@ static void __attribute__((noreturn)) run_child(const struct config *cfg, int re
 }
 
 /* ------------------------------------------------------------ power button */
-
-static long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 #define LONG_BITS (8 * sizeof(unsigned long))
 
@@ -1109,10 +909,88 @@ static void signal_program(pid_t child, int sig)
     kill(child, sig);
 }
 
+/* ------------------------------------------------------------------ agent */
+
+/* The guest agent (agent.c) is a forked copy of the init, not an exec: nothing to put
+ * in the initrd, nothing to find after the root switch. */
+static struct {
+    struct agent_config cfg;
+    sigset_t mask; /* the mask a child starts from */
+    pid_t pid;     /* -1: not running */
+    int restarts;
+    long restart_at; /* -1: no restart pending */
+} agent = {.pid = -1, .restart_at = -1};
+
+static void schedule_agent_restart(void)
+{
+    agent.pid = -1;
+    if (agent.restarts < AGENT_MAX_RESTARTS)
+        agent.restart_at = now_ms() + AGENT_RESTART_MS;
+}
+
+static void start_agent(void)
+{
+    pid_t pid = fork();
+    if (pid < 0) {
+        schedule_agent_restart();
+        return;
+    }
+    if (pid == 0) {
+        sigprocmask(SIG_SETMASK, &agent.mask, NULL);
+        /* Its own session: out of the program's reach (the power button signals the
+         * program's group) and without the console as controlling terminal. */
+        setsid();
+        /* Silent: the console is the program's output. */
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, STDIN_FILENO);
+            dup2(null, STDOUT_FILENO);
+            dup2(null, STDERR_FILENO);
+        }
+        /* The init's signalfd, power buttons and exec-report pipe are not the agent's. */
+        close_fds_from(3);
+        _exit(agent_main(&agent.cfg));
+    }
+    agent.pid = pid;
+}
+
+static void start_first_agent(const struct config *cfg, const sigset_t *mask)
+{
+    agent.cfg.transport = cfg->agent;
+    agent.cfg.user = cfg->user;
+    agent.cfg.workdir = cfg->workdir;
+    agent.cfg.envp = cfg->envp;
+    agent.mask = *mask;
+    start_agent();
+}
+
+/* Anything reaped that is not the program: the agent is started again later. */
+static void agent_reaped(pid_t pid)
+{
+    if (pid > 0 && pid == agent.pid)
+        schedule_agent_restart();
+}
+
+/* Restarts the agent if it is time; returns how long until it is, or -1 if no restart
+ * is pending. */
+static long agent_restart_due(void)
+{
+    if (agent.restart_at < 0)
+        return -1;
+    long left = agent.restart_at - now_ms();
+    if (left > 0)
+        return left;
+    agent.restart_at = -1;
+    agent.restarts++;
+    start_agent();
+    return -1;
+}
+
 /* Waits for the program to exit and returns its wait status.  A power-button press sends
  * it SIGTERM, then SIGKILL after STOP_GRACE_MS.  `sfd` is a signalfd for SIGCHLD, or -1
  * (then the loop looks again every 100 ms); without it and without buttons this is a
- * plain blocking wait, as before graceful stops existed. */
+ * plain blocking wait, as before graceful stops existed.  The guest agent is reaped here
+ * too and started again (see agent_reaped). */
 static int wait_program(pid_t child, int sfd, const int *buttons, size_t nbuttons)
 {
     struct pollfd pfds[1 + MAX_POWER_BUTTONS];
@@ -1127,21 +1005,27 @@ static int wait_program(pid_t child, int sfd, const int *buttons, size_t nbutton
     for (;;) {
         int st;
         pid_t pid;
-        while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+        while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
             if (pid == child)
                 return st;
+            agent_reaped(pid);
+        }
         if (pid < 0 && errno != EINTR)
             fail("exec-failed", "waitpid: %s", strerror(errno));
 
-        if (sfd < 0 && nbuttons == 0) {
+        long restart = agent_restart_due();
+        if (sfd < 0 && nbuttons == 0 && restart < 0) {
             pid = waitpid(-1, &st, 0);
             if (pid == child)
                 return st;
+            agent_reaped(pid);
             if (pid < 0 && errno != EINTR)
                 fail("exec-failed", "waitpid: %s", strerror(errno));
             continue;
         }
         long timeout = sfd < 0 ? 100 : -1;
+        if (restart >= 0 && (timeout < 0 || restart < timeout))
+            timeout = restart;
         if (deadline >= 0) {
             long left = deadline - now_ms();
             if (left < 0)
@@ -1231,6 +1115,13 @@ static int run_program(const struct config *cfg)
     int buttons[MAX_POWER_BUTTONS];
     size_t nbuttons = open_power_buttons(buttons, MAX_POWER_BUTTONS);
     load_modules(NULL);
+    /* After the late modules: its transport needs virtio_console or vsock. */
+    sigset_t child_mask;
+    if (blocked)
+        child_mask = saved;
+    else
+        sigprocmask(SIG_SETMASK, NULL, &child_mask);
+    start_first_agent(cfg, &child_mask);
 
     int status = wait_program(child, sfd, buttons, nbuttons);
     char report[1024];

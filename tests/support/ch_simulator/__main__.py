@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .guest import SimulatedGuest
 from .spec import ApiSpec, default_spec_path, missing_spec_reason
 from .vmm import ApiFailure, SimulatedVmm
 
@@ -130,6 +131,7 @@ async def serve(args: argparse.Namespace, violations: Path) -> int:
         events_path=args.event_monitor,
         no_shutdown=args.no_shutdown,
         guest_behaviour=os.environ.get("CH_SIMULATOR_GUEST", "acpi"),
+        guest=SimulatedGuest(os.environ.get("CH_SIMULATOR_AGENT") or None),
     )
     server = Server(vmm, violations)
     socket_path: Path = args.api_socket
@@ -142,6 +144,7 @@ async def serve(args: argparse.Namespace, violations: Path) -> int:
         await vmm.exit_requested.wait()
         # Let the answer to vmm.shutdown reach the client before the socket goes.
         await asyncio.sleep(0.05)
+    vmm.guest.power_off()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .guest import SimulatedGuest
 from .spec import ApiSpec
 
 Answer = tuple[int, Any]
@@ -49,6 +50,7 @@ class SimulatedVmm:
     config: dict[str, Any] | None = None
     vm_state: str | None = None  # None, "Running" or "Paused"
     exit_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    guest: SimulatedGuest = field(default_factory=lambda: SimulatedGuest(None))
     _bdf: int = 3
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -70,6 +72,20 @@ class SimulatedVmm:
         if serial.get("mode") == "File" and serial.get("file"):
             with open(serial["file"], "a") as handle:
                 handle.write(f"[ch-simulator] {text}\n")
+
+    def serial_path(self) -> Path | None:
+        serial = (self.config or {}).get("serial") or {}
+        if serial.get("mode") == "File" and serial.get("file"):
+            return Path(serial["file"])
+        return None
+
+    def start_guest(self, action: str) -> None:
+        try:
+            self.guest.boot(self.config or {}, self.serial_path())
+        except OSError as exc:
+            raise ApiFailure(
+                500, [f"Error from API: {action}", f"Cannot create virtio-vsock device: {exc}"]
+            ) from exc
 
     def info_state(self) -> str:
         return self.vm_state or "Created"
@@ -121,6 +137,7 @@ class SimulatedVmm:
         }
 
     def do_vmm_shutdown(self, _body: None) -> Answer:
+        self.guest.power_off()
         if self.vm_state is not None:
             self.event("vm", "shutdown")
         self.vm_state = None
@@ -152,9 +169,10 @@ class SimulatedVmm:
                     500, ["Error from API: VmBoot", f"Cannot open disk {disk['path']}"]
                 )
         self.event("vm", "booting")
-        self.vm_state = "Running"
         cmdline = str(config["payload"].get("cmdline", ""))
         self.serial_line(f"booted {kernel} cmdline={cmdline!r}")
+        self.start_guest("VmBoot")
+        self.vm_state = "Running"
         self.event("vm", "booted")
         # The test guest's own power-off timer (tests/support/hypervisor_guest.py).
         for arg in cmdline.split():
@@ -181,6 +199,7 @@ class SimulatedVmm:
     def do_vm_pause(self, _body: None) -> Answer:
         self.need_vm("VmPause", "Running")
         self.event("vm", "pausing")
+        self.guest.pause()
         self.vm_state = "Paused"
         self.event("vm", "paused")
         return 204, None
@@ -188,12 +207,14 @@ class SimulatedVmm:
     def do_vm_resume(self, _body: None) -> Answer:
         self.need_vm("VmResume", "Paused")
         self.event("vm", "resuming")
+        self.guest.resume()
         self.vm_state = "Running"
         self.event("vm", "resumed")
         return 204, None
 
     def do_vm_shutdown(self, _body: None) -> Answer:
         self.need_vm("VmShutdown", "Running", "Paused")
+        self.guest.power_off()
         self.vm_state = None
         self.event("vm", "shutdown")
         return 204, None
@@ -202,11 +223,14 @@ class SimulatedVmm:
         self.need_vm("VmReboot", "Running")
         config = self.need_config("VmReboot")
         self.event("vm", "rebooting")
+        self.guest.power_off()
         self.serial_line(f"booted {config['payload']['kernel']} (reboot)")
+        self.start_guest("VmReboot")
         self.event("vm", "rebooted")
         return 204, None
 
     def do_vm_delete(self, _body: None) -> Answer:
+        self.guest.power_off()
         self.config = None
         self.vm_state = None
         self.event("vm", "deleted")
@@ -226,6 +250,7 @@ class SimulatedVmm:
         if self.vm_state != "Running":
             return
         self.serial_line("guest powered off")
+        self.guest.power_off()
         self.vm_state = None
         self.event("vm", "shutdown")
         if not self.no_shutdown:
@@ -322,7 +347,13 @@ class SimulatedVmm:
                 )
         self.event("vm", "restoring")
         self.config = config
+        # The restored guest runs on from its snapshot: its agent is a fresh process, with no
+        # session of before (as after our agent's HELLO), and no new boot markers.
+        self.guest.restored = True
+        self.start_guest("VmRestore")
         self.vm_state = "Running" if body.get("resume") else "Paused"
+        if self.vm_state == "Paused":
+            self.guest.pause()
         self.serial_line("restored")
         self.event("vm", "restored")
         return 204, None

@@ -1,0 +1,57 @@
+"""The host end of the guest agent's channel, per backend.
+
+QEMU listens on a ``chardev socket`` wired to a ``virtserialport``: a plain Unix connection
+is the channel. Cloud Hypervisor exposes the guest's vsock as a Unix socket (its "hybrid vsock"):
+the host connects, writes ``CONNECT <port>\\n`` and gets ``OK <host port>\\n`` once the guest has
+accepted; a guest with no listener on that port makes it close the connection instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteStream
+
+from .qemu_argv import AGENT_PORT_NAME
+from .types import BackendKind
+
+AGENT_VSOCK_PORT = 1024
+# Any CID from 3 up works: each VM's vsock is private to its VMM's Unix socket.
+AGENT_VSOCK_CID = 3
+_HANDSHAKE_SECONDS = 5.0
+_MAX_REPLY = 64
+
+
+def agent_transport(kind: BackendKind) -> str:
+    """How the guest reaches its channel, as the config disk tells the agent."""
+    if kind is BackendKind.QEMU:
+        return f"virtio-serial:{AGENT_PORT_NAME}"
+    return f"vsock:{AGENT_VSOCK_PORT}"
+
+
+async def connect_unix(path: Path) -> ByteStream:
+    return await anyio.connect_unix(path)
+
+
+async def connect_hybrid_vsock(path: Path, port: int = AGENT_VSOCK_PORT) -> ByteStream:
+    """A stream to the guest's vsock ``port`` through Cloud Hypervisor's Unix socket."""
+    stream = await anyio.connect_unix(path)
+    try:
+        await stream.send(f"CONNECT {port}\n".encode())
+        reply = bytearray()
+        with anyio.fail_after(_HANDSHAKE_SECONDS):
+            # One byte at a time: what follows the line is the guest's, not ours to read.
+            while not reply.endswith(b"\n"):
+                if len(reply) > _MAX_REPLY:
+                    raise ConnectionRefusedError(f"vsock answered {bytes(reply)!r:.80}")
+                reply += await stream.receive(1)
+        if not reply.startswith(b"OK "):
+            raise ConnectionRefusedError(f"vsock answered {bytes(reply)!r:.80}")
+    except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError) as exc:
+        await stream.aclose()
+        raise ConnectionRefusedError(f"nothing listens on guest vsock port {port}") from exc
+    except BaseException:
+        await stream.aclose()
+        raise
+    return stream
