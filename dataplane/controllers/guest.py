@@ -13,7 +13,7 @@ import contextlib
 import json
 import re
 import signal as signals
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -21,7 +21,9 @@ from urllib.parse import quote
 
 import anyio
 from litestar import Controller, Request, WebSocket, get, post, put, websocket
+from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
+from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
@@ -33,6 +35,7 @@ from managers.agent import (
     EXEC_OUTPUT_LIMIT,
     EXEC_STDIN_LIMIT,
     AgentError,
+    Channel,
     ExecExit,
     ExecResult,
     ExecSpec,
@@ -55,6 +58,8 @@ _EXEC_FIELDS = frozenset(
     {"command", "env", "workdir", "user", "stdin", "encoding", "timeout_seconds"}
 )
 _STREAM_TAGS = {"stdout": b"\x01", "stderr": b"\x02"}
+# WebSocket stdin messages held while the guest has no room for them.
+_STDIN_QUEUE = 16
 # A WebSocket close code for a request that is not valid (policy), and for a failure.
 _WS_INVALID = 1008
 _WS_FAILED = 1011
@@ -245,12 +250,15 @@ class GuestController(Controller):
             code = _WS_INVALID if domain_status(error) < 500 else _WS_FAILED
             await _ws_fail(socket, error.code, error.message, code)
             return
-        if ended is None:
+        except WebSocketDisconnect:
             return  # the client went away; leaving the block killed the process group
-        await socket.send_json(
-            {"type": "exit", "exit_code": ended.exit_code, "signal": ended.signal}
-        )
-        await socket.close(1000)
+        if ended is None:
+            return
+        with contextlib.suppress(WebSocketDisconnect):
+            await socket.send_json(
+                {"type": "exit", "exit_code": ended.exit_code, "signal": ended.signal}
+            )
+            await socket.close(1000)
 
     @get("/exec")
     async def exec_without_upgrade(self, instance_id: FromPath[str]) -> None:
@@ -280,24 +288,28 @@ class GuestController(Controller):
         path: Annotated[str, QueryParameter(name="path")],
     ) -> Stream:
         channel = await _manager(runtime).agent(instance_id)
-        stack = contextlib.AsyncExitStack()
-        # Entered here, so a missing file is an error answer, not a broken stream.
-        info, chunks = await stack.enter_async_context(read_file(channel, guest_path(path)))
+        transfer = _download(channel, guest_path(path))
+        # The stat comes first, so a missing file is an error answer, not a broken stream.
+        head = await anext(transfer)
+        assert isinstance(head, FileStat)
 
         async def body() -> AsyncIterator[bytes]:
-            async with stack:
-                async for chunk in chunks:
-                    yield chunk
+            async for chunk in transfer:
+                assert isinstance(chunk, bytes)
+                yield chunk
 
-        directory = info.type is FileType.DIRECTORY
+        directory = head.type is FileType.DIRECTORY
         name = path.rstrip("/").rsplit("/", 1)[-1] or "root"
         return Stream(
             body(),
             media_type="application/x-tar" if directory else "application/octet-stream",
             headers={
-                "X-File-Type": str(info.type),
+                "X-File-Type": str(head.type),
                 "Content-Disposition": _attachment(name + (".tar" if directory else "")),
             },
+            # Runs however the response ended (sent, or its client gone): the session is
+            # closed then, not whenever the generator is collected.
+            background=BackgroundTask(transfer.aclose),
         )
 
     @put("/files", status_code=200, request_max_body_size=None)
@@ -314,6 +326,14 @@ class GuestController(Controller):
         channel = await _manager(runtime).agent(instance_id)
         await write_file(channel, target, bits, request.stream())
         return stat_json(await stat(channel, target))
+
+
+async def _download(channel: Channel, path: str) -> AsyncGenerator[FileStat | bytes, None]:
+    """The file's stat, then its bytes; closing it ends the agent's session."""
+    async with read_file(channel, path) as (head, chunks):
+        yield head
+        async for chunk in chunks:
+            yield chunk
 
 
 def _attachment(name: str) -> str:
@@ -356,35 +376,49 @@ async def _relay(socket: WebSocket[Any, Any, Any], process: Any) -> ExecExit | N
     the client left first."""
     ended: ExecExit | None = None
     failure: Exception | None = None
+    # Stdin waits here for the guest's credit, so that reading the socket (controls, the
+    # client leaving) never waits behind it; bounded, so a client cannot queue unbounded input.
+    stdin_in, stdin_out = anyio.create_memory_object_stream[bytes](_STDIN_QUEUE)
     async with anyio.create_task_group() as tasks:
 
         async def from_client() -> None:
-            while True:
-                message: dict[str, Any] = dict(await socket.receive())
-                if message["type"] == "websocket.disconnect":
-                    tasks.cancel_scope.cancel()
-                    return
-                try:
-                    data = message.get("bytes")
-                    if data:
+            async with stdin_in:
+                while True:
+                    message: dict[str, Any] = dict(await socket.receive())
+                    if message["type"] == "websocket.disconnect":
+                        tasks.cancel_scope.cancel()
+                        return
+                    try:
+                        data = message.get("bytes")
+                        if data:
+                            await stdin_in.send(data)
+                        elif message.get("text"):
+                            await _control(process, str(message["text"]))
+                    except ApiError as error:
+                        # A bad control message is answered and ignored; the session goes on.
+                        with contextlib.suppress(WebSocketDisconnect):
+                            await socket.send_json(
+                                {"type": "error", "code": error.code, "message": error.message}
+                            )
+                    except AgentError:
+                        return  # the output side sees the same failure and reports it
+
+        async def to_process() -> None:
+            with contextlib.suppress(AgentError):
+                async with stdin_out:
+                    async for data in stdin_out:
                         await process.write(data)
-                    elif message.get("text"):
-                        await _control(process, str(message["text"]))
-                except ApiError as error:
-                    # A bad control message is answered and ignored; the session goes on.
-                    await socket.send_json(
-                        {"type": "error", "code": error.code, "message": error.message}
-                    )
-                except AgentError:
-                    return  # the output side sees the same failure and reports it
 
         tasks.start_soon(from_client)
+        tasks.start_soon(to_process)
         try:
             async for kind, item in process.output():
                 if isinstance(item, ExecExit):
                     ended = item
                     break
                 await socket.send_bytes(_STREAM_TAGS[kind] + item)
+        except WebSocketDisconnect:
+            pass  # the client left: leaving the session kills the process group
         except Exception as error:
             failure = error
         tasks.cancel_scope.cancel()
@@ -425,6 +459,6 @@ def _signal_number(value: object) -> int:
 
 
 async def _ws_fail(socket: WebSocket[Any, Any, Any], code: str, message: str, close: int) -> None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(WebSocketDisconnect):
         await socket.send_json({"type": "error", "code": code, "message": message})
         await socket.close(close, message[:120])

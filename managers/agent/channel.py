@@ -28,6 +28,13 @@ _READ_SIZE = 1 << 16
 # Credit is returned once this much was consumed, so a stream of small reads does not answer
 # every frame with a CREDIT frame.
 _CREDIT_BATCH = p.WINDOW // 4
+# A frame is written whole or the channel is given up: a send cut short by a cancellation would
+# leave half a frame on the wire, and one the guest does not take within this long (it stopped
+# reading) would hold every other session behind it.
+SEND_DEADLINE = 10.0
+# The most frames other than data a session may queue (STARTED, STAT_RESULT, EXIT, ...): a guest
+# that sends more is flooding, since data is what the window bounds.
+_MAX_CONTROL_FRAMES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,7 @@ class Session:
         self._credit_changed = anyio.Event()
         self._outstanding = 0  # data received and not yet credited back
         self._unreturned = 0  # data consumed and not yet credited back
+        self._control_frames = 0
         self.ended = False
 
     # -- from the reader ------------------------------------------------------------------
@@ -59,11 +67,17 @@ class Session:
                 raise AgentProtocolError(
                     f"the agent sent more than its window on stream {self.stream}"
                 )
-        if frame.type is Msg.GUEST_CREDIT:
+        elif frame.type is Msg.GUEST_CREDIT:
             self._send_credit += Fields.parse(frame.payload).u32(Tag.CREDIT) or 0
             self._credit_changed.set()
             self._credit_changed = anyio.Event()
             return
+        else:
+            self._control_frames += 1
+            if self._control_frames > _MAX_CONTROL_FRAMES:
+                raise AgentProtocolError(
+                    f"the agent sent {self._control_frames} control frames on stream {self.stream}"
+                )
         if frame.type in p.FINAL:
             self.ended = True
         self._inbox_send.send_nowait(frame)
@@ -113,8 +127,10 @@ class Session:
         self._unreturned += size
         self._outstanding -= size
         if self._unreturned >= _CREDIT_BATCH and not self.ended:
-            amount, self._unreturned = self._unreturned, 0
+            amount = self._unreturned
             await self.send(Msg.CREDIT, p.u32(Tag.CREDIT, amount))
+            # Only once sent: a send that failed leaves the credit to be returned next time.
+            self._unreturned -= amount
 
 
 class Channel:
@@ -131,6 +147,7 @@ class Channel:
         self._hello_event = anyio.Event()
         self._pongs: list[tuple[bytes, anyio.Event]] = []
         self._closed_reason: str | None = None
+        self._reader: anyio.CancelScope | None = None
         self.closed = anyio.Event()
 
     @property
@@ -142,11 +159,14 @@ class Channel:
         reason = "the connection to the agent was lost"
         hello = p.records([p.record(Tag.NONCE, self._nonce), p.u32(Tag.VERSION, p.VERSION)])
         try:
-            await self.send(Msg.HELLO, 0, hello)
-            while True:
-                data = await self._stream.receive(_READ_SIZE)
-                for frame in self._decoder.feed(data):
-                    self._route(frame)
+            with anyio.CancelScope() as self._reader:
+                if self.closed.is_set():
+                    return
+                await self.send(Msg.HELLO, 0, hello)
+                while True:
+                    data = await self._stream.receive(_READ_SIZE)
+                    for frame in self._decoder.feed(data):
+                        self._route(frame)
         except (
             AgentDisconnected,
             anyio.EndOfStream,
@@ -159,6 +179,8 @@ class Channel:
             reason = f"the agent broke the protocol: {exc}"
         finally:
             self._finish(self._closed_reason or reason)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._stream.aclose()
 
     def _route(self, frame: Frame) -> None:
         if frame.stream == 0:
@@ -212,11 +234,21 @@ class Channel:
             raise AgentDisconnected(self._closed_reason or "the channel is closed")
         frame = p.encode(kind, stream, payload)
         async with self._send_lock:
-            try:
-                await self._stream.send(frame)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
-                self._finish(f"the connection to the agent was lost: {exc}")
-                raise AgentDisconnected(self._closed_reason or str(exc)) from exc
+            if self.closed.is_set():
+                raise AgentDisconnected(self._closed_reason or "the channel is closed")
+            with anyio.CancelScope(shield=True):
+                failure: str | None = None
+                with anyio.move_on_after(SEND_DEADLINE) as deadline:
+                    try:
+                        await self._stream.send(frame)
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
+                        failure = f"the connection to the agent was lost: {exc}"
+                if deadline.cancelled_caught:
+                    failure = f"the agent took no data for {SEND_DEADLINE:g} s"
+                if failure is not None:
+                    self._finish(failure)
+                    self._stop_reader()
+                    raise AgentDisconnected(self._closed_reason or failure)
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
@@ -251,8 +283,13 @@ class Channel:
     async def close(self, reason: str) -> None:
         """End the connection; open sessions fail with ``reason``."""
         self._finish(reason)
-        with contextlib.suppress(Exception):
-            await self._stream.aclose()
+        self._stop_reader()
+
+    def _stop_reader(self) -> None:
+        # The reader closes the stream itself once it stops: closing a socket another task
+        # is receiving on races asyncio's reader callback (anyio resolves the same future twice).
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 def time_record(ns: int) -> bytes:

@@ -62,7 +62,12 @@ class AgentLink:
                 return
             delay = _FIRST_RETRY
             while not self._stopped:
-                connected = await self._serve_once()
+                try:
+                    connected = await self._serve_once()
+                except Exception:
+                    # Whatever a guest does must not end the manager's task group.
+                    log.exception("the link to the agent of %s failed", self.instance_id)
+                    connected = False
                 if self._stopped:
                     break
                 delay = _FIRST_RETRY if connected else min(delay * 2, _MAX_RETRY)
@@ -140,7 +145,8 @@ class AgentLink:
         self._notify()
         channel = self._channel
         if channel is not None:
+            # Its run ends by itself once the channel is closed (see Channel.close).
             with contextlib.suppress(Exception):
                 await channel.close(reason)
-        if self._cancel is not None:
-            self._cancel.cancel()
+        elif self._cancel is not None:
+            self._cancel.cancel()  # connecting, or waiting to retry

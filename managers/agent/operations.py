@@ -13,12 +13,22 @@ import anyio
 
 from . import protocol as p
 from .channel import Channel, Session, time_record
-from .errors import AgentError, AgentProtocolError, ExecFailed, GuestOperationFailed, guest_error
+from .errors import (
+    AgentError,
+    AgentProtocolError,
+    AgentUnavailable,
+    ExecFailed,
+    GuestOperationFailed,
+    guest_error,
+)
 from .protocol import Fields, Frame, Msg, Tag
 from .types import FILE_TYPES, ExecExit, ExecResult, ExecSpec, FileStat, FileType
 
 # After a timeout's SIGKILL, how long the agent gets to report the exit before we give up on it.
 _KILL_REPORT_SECONDS = 5.0
+# How long the agent may take to answer a request that runs nothing of the user's (stat, the
+# clock, the start of a file transfer, the end of an upload).
+ANSWER_SECONDS = 60.0
 _STAT = struct.Struct("<BIIIQqI")
 
 
@@ -45,6 +55,13 @@ def exec_payload(spec: ExecSpec) -> bytes:
     if spec.tty is not None:
         items.append(p.record(Tag.TTY, struct.pack("<HH", spec.tty.rows, spec.tty.cols)))
     return p.records(items)
+
+
+async def _answer(session: Session, what: str) -> Frame:
+    """The agent's next frame on ``session``, within :data:`ANSWER_SECONDS`."""
+    with anyio.move_on_after(ANSWER_SECONDS):
+        return await session.receive()
+    raise AgentUnavailable(f"the agent did not answer {what} within {ANSWER_SECONDS:g} s")
 
 
 def exit_of(frame: Frame) -> ExecExit:
@@ -84,15 +101,19 @@ async def run_exec(
 ) -> ExecResult:
     """Run a command to completion, keeping at most ``output_limit`` bytes of each output.
 
-    At ``timeout_seconds`` the process group is killed and the result says ``timed_out``."""
+    At ``timeout_seconds`` (counted from the request, start included) the process group is
+    killed and the result says ``timed_out``."""
     began = time.monotonic()
+    deadline = anyio.current_time() + timeout_seconds
     stdout = _Capture(output_limit, bytearray())
     stderr = _Capture(output_limit, bytearray())
     ended: ExecExit | None = None
-    timed_out = False
     async with channel.session() as session:
-        await session.send(Msg.EXEC, exec_payload(spec))
-        await _started(session)
+        started = False
+        with anyio.CancelScope(deadline=deadline):
+            await session.send(Msg.EXEC, exec_payload(spec))
+            await _started(session)
+            started = True
 
         async def feed() -> None:
             # A channel that fails here fails the collection too, which reports it.
@@ -115,30 +136,32 @@ async def run_exec(
                     raise _unexpected(frame, "EXEC")
 
         failure: Exception | None = None
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(feed)
-            try:
-                with anyio.move_on_after(timeout_seconds):
-                    ended = await collect()
-                if ended is None:
-                    timed_out = True
-                    await session.send(Msg.SIGNAL, p.u32(Tag.SIGNAL, signals.SIGKILL))
-                    with anyio.move_on_after(_KILL_REPORT_SECONDS):
-                        await collect()
-            except Exception as error:
-                # Raised outside the task group, so callers see it and not a group of one.
-                failure = error
-            tasks.cancel_scope.cancel()
+        if started:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(feed)
+                try:
+                    with anyio.CancelScope(deadline=deadline):
+                        ended = await collect()
+                    if ended is None:
+                        await session.send(Msg.SIGNAL, p.u32(Tag.SIGNAL, signals.SIGKILL))
+                        with anyio.move_on_after(_KILL_REPORT_SECONDS):
+                            await collect()
+                except Exception as error:
+                    # Raised outside the task group, so callers see it and not a group of one.
+                    failure = error
+                tasks.cancel_scope.cancel()
+        # A command that never started within the deadline is abandoned: leaving the session
+        # sends CLOSE, which kills it should it start after all.
         if failure is not None:
             raise failure
     return ExecResult(
-        exit_code=None if timed_out or ended is None else ended.exit_code,
-        signal=None if timed_out or ended is None else ended.signal,
+        exit_code=ended.exit_code if ended is not None else None,
+        signal=ended.signal if ended is not None else None,
         stdout=bytes(stdout.data),
         stderr=bytes(stderr.data),
         stdout_truncated=stdout.truncated,
         stderr_truncated=stderr.truncated,
-        timed_out=timed_out,
+        timed_out=ended is None,
         duration_ms=round((time.monotonic() - began) * 1000, 3),
     )
 
@@ -174,6 +197,8 @@ class InteractiveExec:
                 yield "exit", exit_of(frame)
             elif frame.type is Msg.ERROR:
                 raise _error(frame, exec_=True)
+            else:
+                raise _unexpected(frame, "EXEC")
 
 
 @contextlib.asynccontextmanager
@@ -209,7 +234,7 @@ def _stat_of(path: str, frame: Frame) -> FileStat:
 async def stat(channel: Channel, path: str) -> FileStat:
     async with channel.session() as session:
         await session.send(Msg.STAT, p.text(Tag.PATH, path))
-        frame = await session.receive()
+        frame = await _answer(session, "STAT")
         if frame.type is Msg.ERROR:
             raise _error(frame, path)
         if frame.type is not Msg.STAT_RESULT:
@@ -221,7 +246,7 @@ async def stat(channel: Channel, path: str) -> FileStat:
 async def set_time(channel: Channel, realtime_ns: int) -> None:
     async with channel.session() as session:
         await session.send(Msg.SET_TIME, time_record(realtime_ns))
-        frame = await session.receive()
+        frame = await _answer(session, "SET_TIME")
         if frame.type is Msg.ERROR:
             raise _error(frame)
         if frame.type is not Msg.DONE:
@@ -260,8 +285,15 @@ async def write_file(channel: Channel, path: str, mode: int, chunks: AsyncIterab
                         await session.send_data(chunk)
                         written += len(chunk)
                 await session.end_input()
-                await done.wait()
-            except AgentError as error:
+                with anyio.move_on_after(ANSWER_SECONDS):
+                    await done.wait()
+                if not done.is_set():
+                    raise AgentUnavailable(
+                        f"the agent did not confirm the upload within {ANSWER_SECONDS:g} s"
+                    )
+            except Exception as error:
+                # The upload's source may fail too (its client went away): raised as itself,
+                # outside the task group, not as a group of one.
                 failure.append(error)
                 tasks.cancel_scope.cancel()
         if failure:
@@ -276,7 +308,7 @@ async def read_file(
     """The file's stat and its bytes (a tar for a directory), read as they are consumed."""
     async with channel.session() as session:
         await session.send(Msg.READ_FILE, p.text(Tag.PATH, path))
-        frame = await session.receive()
+        frame = await _answer(session, "READ_FILE")
         if frame.type is Msg.ERROR:
             raise _error(frame, path)
         if frame.type is not Msg.STAT_RESULT:

@@ -11,6 +11,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from .errors import AgentProtocolError
+
 MAGIC = b"DPGA"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHII")
@@ -18,9 +20,12 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 65536
 WINDOW = 262144
 MAX_SESSIONS = 64
+# The longest HELLO_OK the host looks at while resynchronising: a nonce, a version and a short
+# build name fit many times over, and a flood of plausible headers costs little to reject.
+MAX_HELLO_OK = 256
 
 
-class ProtocolError(Exception):
+class ProtocolError(AgentProtocolError):
     """The other side broke the framing or the flow control; the connection is unusable."""
 
 
@@ -204,9 +209,10 @@ class Decoder:
             _, kind, flags, reserved, stream, length = HEADER.unpack_from(self._buffer)
             plausible = (
                 kind == Msg.HELLO_OK and not flags and not reserved and stream == 0
-            ) and length <= MAX_PAYLOAD
+            ) and length <= MAX_HELLO_OK
             if not plausible:
-                del self._buffer[:1]
+                # The magic cannot overlap itself, so the next candidate starts after it.
+                del self._buffer[: len(MAGIC)]
                 continue
             if len(self._buffer) < HEADER_SIZE + length:
                 return None
@@ -216,7 +222,7 @@ class Decoder:
             except ProtocolError:
                 nonce = None
             if nonce != self._nonce:
-                del self._buffer[:1]
+                del self._buffer[: len(MAGIC)]
                 continue
             del self._buffer[: HEADER_SIZE + length]
             self.synced = True

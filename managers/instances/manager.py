@@ -112,6 +112,7 @@ class InstanceManager:
     async def __aexit__(self, *exc_info: object) -> None:
         """Stop following logs; VMMs keep running and are re-adopted by the next start."""
         for live in self._ctx.live.values():
+            await self._ctx.stop_agent(live, "the dataplane is shutting down")
             if live.vmm is not None:
                 with contextlib.suppress(Exception):
                     await live.vmm.close()

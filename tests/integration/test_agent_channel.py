@@ -27,6 +27,8 @@ from anyio.abc import ByteStream, UNIXSocketStream
 
 from managers.agent import (
     AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
     Channel,
     ExecFailed,
     ExecResult,
@@ -362,3 +364,58 @@ def test_records_round_trip_and_reject_truncation() -> None:
     with pytest.raises(ValueError, match="NUL"):
         p.text(p.Tag.ARG, "a\0b")
     assert struct.calcsize("<4sBBHII") == p.HEADER_SIZE == 16
+
+
+async def test_a_malformed_answer_is_a_protocol_error_not_a_crash() -> None:
+    channel, peer = await peer_pair()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(channel.run)
+        await peer.answer_hello()
+        await channel.wait_ready()
+
+        async def answer_badly() -> None:
+            kind, stream, _ = await peer.read_frame()
+            assert kind == p.Msg.STAT
+            short_errno = p.record(p.Tag.ERRNO, b"\x02")
+            await peer.stream.send(p.encode(p.Msg.ERROR, stream, short_errno))
+
+        tasks.start_soon(answer_badly)
+        with pytest.raises(AgentProtocolError), anyio.fail_after(5):
+            await stat(channel, "/etc")
+        await channel.close("done")
+
+
+async def test_a_guest_flooding_control_frames_is_cut_off() -> None:
+    channel, peer = await peer_pair()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(channel.run)
+        await peer.answer_hello()
+        await channel.wait_ready()
+
+        async def flood() -> None:
+            _, stream, _ = await peer.read_frame()
+            started = p.encode(p.Msg.STARTED, stream, p.u32(p.Tag.PID, 1))
+            await peer.stream.send(started * 50)
+
+        async def consume() -> None:
+            async with interactive_exec(channel, ExecSpec(command=("x",))) as process:
+                async for _ in process.output():
+                    pass
+
+        tasks.start_soon(flood)
+        with pytest.raises(AgentError), anyio.fail_after(10):
+            await consume()
+        with anyio.fail_after(5):
+            await channel.closed.wait()
+
+
+def test_resynchronisation_ignores_oversized_hello_answers() -> None:
+    nonce = b"n" * 8
+    decoder = p.Decoder(nonce)
+    padded = p.records([p.record(p.Tag.NONCE, nonce), p.record(p.Tag.MESSAGE, b"x" * 400)])
+    assert decoder.feed(p.encode(p.Msg.HELLO_OK, 0, padded)) == []
+    assert not decoder.synced
+    right = p.records([p.record(p.Tag.NONCE, nonce), p.u32(p.Tag.VERSION, 1)])
+    frames = decoder.feed(b"DPGA" * 5 + p.encode(p.Msg.HELLO_OK, 0, right))
+    assert [f.type for f in frames] == [p.Msg.HELLO_OK]
+    assert decoder.synced

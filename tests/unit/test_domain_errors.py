@@ -15,6 +15,8 @@ from litestar.params import FromPath
 from litestar.testing import TestClient
 
 from dataplane.errors import DOMAIN_ERRORS, EXCEPTION_HANDLERS
+from managers.agent import errors as agent
+from managers.agent import protocol as agent_protocol
 from managers.errors import DomainError
 from managers.guest import errors as guest
 from managers.hypervisors import errors as hypervisors
@@ -23,7 +25,15 @@ from managers.images import errors as images
 from managers.instances import errors as instances
 from managers.network import errors as network
 
-MODULES: tuple[ModuleType, ...] = (images, instances, network, hypervisors, guest)
+MODULES: tuple[ModuleType, ...] = (
+    images,
+    instances,
+    network,
+    hypervisors,
+    guest,
+    agent,
+    agent_protocol,
+)
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
@@ -38,6 +48,15 @@ class Sample:
 def plain(cls: type[DomainError], code: str, status: int) -> Sample:
     """A class built from a message alone, so it has nothing to put in ``details``."""
     return Sample(lambda: cls(f"{cls.__name__} happened"), code, status, {})
+
+
+def guest_failure(cls: type[agent.GuestOperationFailed], code: str, status: int) -> Sample:
+    return Sample(
+        lambda: cls("the guest said no", 2, "/etc/x"),
+        code,
+        status,
+        {"errno": "ENOENT", "path": "/etc/x"},
+    )
 
 
 def hyper(cls: type[hypervisors.HypervisorError]) -> Sample:
@@ -169,6 +188,21 @@ SAMPLES: dict[type[DomainError], Sample] = {
     ),
     hypervisors.UnsupportedVersion: hyper(hypervisors.UnsupportedVersion),
     hypervisors.OperationTimeout: hyper(hypervisors.OperationTimeout),
+    agent.AgentError: plain(agent.AgentError, "agent_error", 500),
+    agent.AgentUnavailable: plain(agent.AgentUnavailable, "agent_unavailable", 503),
+    agent.AgentDisconnected: plain(agent.AgentDisconnected, "agent_disconnected", 409),
+    agent.AgentProtocolError: plain(agent.AgentProtocolError, "agent_protocol_error", 502),
+    agent_protocol.ProtocolError: plain(agent_protocol.ProtocolError, "agent_protocol_error", 502),
+    agent.GuestOperationFailed: guest_failure(
+        agent.GuestOperationFailed, "guest_operation_failed", 502
+    ),
+    agent.GuestPathNotFound: guest_failure(agent.GuestPathNotFound, "guest_path_not_found", 404),
+    agent.GuestPermissionDenied: guest_failure(
+        agent.GuestPermissionDenied, "guest_permission_denied", 403
+    ),
+    agent.InvalidGuestPath: guest_failure(agent.InvalidGuestPath, "invalid_guest_path", 400),
+    agent.GuestStorageFull: guest_failure(agent.GuestStorageFull, "insufficient_storage", 507),
+    agent.ExecFailed: guest_failure(agent.ExecFailed, "exec_failed", 400),
     guest.GuestError: plain(guest.GuestError, "guest_unavailable", 503),
     guest.ArtifactError: plain(guest.ArtifactError, "guest_unavailable", 503),
     guest.ToolMissingError: plain(guest.ToolMissingError, "guest_unavailable", 503),
