@@ -25,6 +25,7 @@ from dataplane.auth import AuthMiddleware
 from dataplane.bootstrap import ManagerFactory, real_managers
 from dataplane.contract import ContractMiddleware
 from dataplane.controllers.docs import DocsController
+from dataplane.controllers.events import EventsController
 from dataplane.controllers.guest import GuestController
 from dataplane.controllers.images import ImagesController
 from dataplane.controllers.instances import InstancesController
@@ -51,6 +52,7 @@ def create_app(settings: Settings, *, managers: ManagerFactory = real_managers) 
             ImagesController,
             InstancesController,
             GuestController,
+            EventsController,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -42,6 +42,7 @@ async def real_managers(runtime: Runtime) -> AsyncIterator[Managers]:
         max_concurrent_builds=settings.max_concurrent_builds,
         cache_seconds=settings.cache_seconds,
         insecure_registries=settings.insecure_registries,
+        on_change=runtime.report_image,
     )
     await images.start()
     network = NetworkManager(settings.network) if can_network() else None
@@ -53,6 +54,7 @@ async def real_managers(runtime: Runtime) -> AsyncIterator[Managers]:
             default_hypervisor=runtime.hypervisor.kind,
             artifacts=runtime.guest_artifacts,
             network=network,
+            on_change=runtime.report_instance,
         )
         async with instances:
             yield Managers(images=images, instances=instances)

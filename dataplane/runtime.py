@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from litestar import Litestar
@@ -30,15 +30,17 @@ from litestar import Litestar
 from dataplane import __version__
 from dataplane.bootstrap import ManagerFactory, real_managers
 from dataplane.errors import ApiError
+from dataplane.events import EventLog, EventService, EventSettings, Renderers, Retention
 from dataplane.logsetup import InstanceLogHandler
 from dataplane.logsetup import attach as attach_log_handler
 from dataplane.logsetup import detach as detach_log_handler
+from dataplane.representations import image_json, instance_json
 from dataplane.settings import Settings
 from dataplane.spec import Spec
 from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
 from managers.hypervisors import BackendKind, BackendSettings, HypervisorBackend, open_backend
-from managers.images import ImageManager
-from managers.instances import InstanceManager
+from managers.images import Image, ImageManager, ImageNotFound
+from managers.instances import Instance, InstanceManager, InstanceNotFound
 from managers.paths import Paths
 
 log = logging.getLogger("dataplane.runtime")
@@ -75,6 +77,7 @@ class Runtime:
         self.hypervisor = HypervisorInfo(kind=self._default_kind())
         self.images: ImageManager | None = None
         self.instances: InstanceManager | None = None
+        self.events: EventService | None = None
         self.artifacts: GuestArtifacts | None = None
         self.artifacts_error: str | None = None
         self._artifacts_settled = anyio.Event()
@@ -111,6 +114,21 @@ class Runtime:
             raise ApiError(503, "unavailable", f"the image manager is not running ({self.phase})")
         return self.images
 
+    def require_events(self) -> EventLog:
+        if self.events is None:
+            raise ApiError(503, "unavailable", f"the event log is not open ({self.phase})")
+        return self.events.log
+
+    def report_instance(self, kind: str, instance: Instance) -> None:
+        """The instance manager's change callback: an event, with the instance as it read."""
+        if self.events is not None:
+            self.events.report(kind, instance.id, instance_json(instance))
+
+    def report_image(self, kind: str, image: Image) -> None:
+        """The image manager's change callback."""
+        if self.events is not None:
+            self.events.report(kind, image.name, image_json(image))
+
     def require_instances(self) -> InstanceManager:
         if self.instances is None:
             raise ApiError(
@@ -135,10 +153,15 @@ class Runtime:
             instance_logs = InstanceLogHandler(self.paths, settings.log_format)
             attach_log_handler(instance_logs)
             stack.callback(detach_log_handler, instance_logs)
+            events = EventService(self.paths, self._event_settings())
+            await events.open()
+            stack.push_async_callback(events.close)
+            self.events = events
             managers = await stack.enter_async_context(self._managers(self))
             self.images, self.instances = managers.images, managers.instances
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
+            await events.start(group, self._renderers(), *await self._current_states())
             group.start_soon(self._prepare_guest)
             self.phase = "ok"
             log.info(
@@ -151,6 +174,40 @@ class Runtime:
             finally:
                 self.phase = "stopping"
                 log.info("dataplane stopping")
+
+    def _event_settings(self) -> EventSettings:
+        settings = self.settings
+        return EventSettings(
+            node_id=settings.node_id,
+            endpoints=settings.webhook_endpoints,
+            secret=settings.webhook_secret,
+            max_age_seconds=float(settings.webhook_max_age_seconds),
+            retention=Retention(
+                max_bytes=settings.event_retention_bytes,
+                max_age_seconds=float(settings.event_retention_seconds),
+            ),
+        )
+
+    def _renderers(self) -> Renderers:
+        async def instance(instance_id: str) -> dict[str, Any] | None:
+            try:
+                return instance_json(await self.require_instances().get(instance_id))
+            except InstanceNotFound:
+                return None
+
+        async def image(name: str) -> dict[str, Any] | None:
+            try:
+                return image_json(await self.require_images().get(name))
+            except ImageNotFound:
+                return None
+
+        return Renderers(instance=instance, image=image)
+
+    async def _current_states(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Every instance's state and every image's status, for the events' reconciliation."""
+        instances = {i.id: str(i.state) for i in await self.require_instances().list() if i.record}
+        images = {i.name: str(i.status) for i in await self.require_images().list()}
+        return instances, images
 
     async def _prepare_guest(self) -> None:
         try:

@@ -6,6 +6,7 @@ variable, what it must be, and what it was; the CLI prints that line and exits.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -66,7 +67,11 @@ class Settings:
     auth_token: str | None = None
     jwt_secret: str | None = None
     node_id: str = "NODE_1"
-    webhook_endpoint: str | None = None
+    webhook_endpoints: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    webhook_max_age_seconds: int = 24 * 3600
+    event_retention_bytes: int = 256 << 20
+    event_retention_seconds: int = 7 * 24 * 3600
     cache_seconds: int | None = None
     max_concurrent_builds: int = 2
     log_format: LogFormat = "console"
@@ -123,7 +128,20 @@ class Settings:
             auth_token=auth_token,
             jwt_secret=jwt_secret,
             node_id=env.node_id("NODE_ID", cls.node_id),
-            webhook_endpoint=env.url("WEBHOOK_ENDPOINT"),
+            webhook_endpoints=env.urls("WEBHOOK_ENDPOINT"),
+            webhook_secret=env.webhook_secret("WEBHOOK_SECRET"),
+            webhook_max_age_seconds=env.integer(
+                "WEBHOOK_MAX_AGE", cls.webhook_max_age_seconds, low=60, high=30 * 24 * 3600
+            ),
+            event_retention_bytes=env.integer(
+                "EVENT_RETENTION_BYTES", cls.event_retention_bytes, low=1 << 20, high=1 << 40
+            ),
+            event_retention_seconds=env.integer(
+                "EVENT_RETENTION_SECONDS",
+                cls.event_retention_seconds,
+                low=60,
+                high=10 * 365 * 86400,
+            ),
             cache_seconds=env.optional_integer("CACHE_SECONDS", low=0),
             max_concurrent_builds=env.integer(
                 "MAX_CONCURRENT_BUILDS", cls.max_concurrent_builds, low=1, high=64
@@ -141,6 +159,12 @@ class Settings:
                 env.choice("MEMORY_RESTORE_MODE", _RESTORE_MODES, cls.memory_restore_mode.value)
             ),
         )
+        if settings.webhook_endpoints and settings.webhook_secret is None:
+            raise SettingsError.from_message(
+                "WEBHOOK_SECRET",
+                "WEBHOOK_SECRET must be set (whsec_<base64>) when WEBHOOK_ENDPOINT is: "
+                "every delivery is signed",
+            )
         try:
             settings.network  # noqa: B018 - the network subsystem's own invariants
         except NetworkConfigError as error:
@@ -303,11 +327,32 @@ class _Env:
                 raise SettingsError(name, "a comma-separated list of host[:port]", raw)
         return frozenset(hosts)
 
-    def url(self, name: str) -> str | None:
+    def urls(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of http(s) URLs, each once."""
         raw = self.optional(name)
         if raw is None:
+            return ()
+        found: list[str] = []
+        for item in (part.strip() for part in raw.split(",")):
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise SettingsError(name, "http:// or https:// URLs separated by commas", raw)
+            if item not in found:
+                found.append(item)
+        return tuple(found)
+
+    def webhook_secret(self, name: str) -> str | None:
+        """``whsec_`` + base64 of at least 16 random bytes (the Standard Webhooks form)."""
+        raw = self._environ.get(name, "")
+        if not raw:
             return None
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise SettingsError(name, "an http:// or https:// URL", raw)
+        requirement = "whsec_ followed by base64 of at least 16 bytes"
+        if not raw.startswith("whsec_"):
+            raise SettingsError(name, requirement, "<hidden>")
+        try:
+            key = base64.b64decode(raw[len("whsec_") :], validate=True)
+        except ValueError:
+            raise SettingsError(name, requirement, "<hidden>") from None
+        if len(key) < 16:
+            raise SettingsError(name, requirement, "<hidden>")
         return raw

@@ -7,7 +7,8 @@ variable is read once at import; unset (as in every deployment), a failpoint cos
 lookup and a string comparison. The suites start the dataplane with each name in
 :data:`STEPS` once and check what restart makes of it:
 ``tests/integration/test_fault_injection.py`` the instance steps,
-``tests/integration/test_images_recovery.py`` the ``image.*`` ones.
+``tests/integration/test_images_recovery.py`` the ``image.*`` ones,
+``tests/integration/test_events.py`` the ``events.*`` ones.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ STEPS: frozenset[str] = frozenset(
         "standby.committed",
         "restore.tap",
         "restore.running",
+        # events: a change rendered but not yet in the log; an event a webhook receiver took
+        # (2xx) before its endpoint's cursor moved
+        "events.reported",
+        "events.delivered",
         # images
         "image.pulled",
         "image.unpacked",

@@ -17,12 +17,12 @@ from litestar.response import Stream
 
 from dataplane import sse
 from dataplane.errors import ApiError
+from dataplane.representations import image_json
 from dataplane.runtime import Runtime
 from managers.images import (
     DISK_FORMATS,
     PROGRESS_INTERVAL,
     DiskFormat,
-    Image,
     ImageManager,
     ImageNotFound,
 )
@@ -53,25 +53,6 @@ def disk_format(value: object) -> DiskFormat:
     raise ApiError(
         400, "invalid_request", f"format must be one of {', '.join(DISK_FORMATS)}, not {value!r}"
     )
-
-
-def image_json(image: Image) -> dict[str, Any]:
-    return {
-        "name": image.name,
-        "digest": image.digest,
-        "status": str(image.status),
-        "format": image.format,
-        "progress": {
-            "phase": image.progress.phase,
-            "bytes_done": image.progress.bytes_done,
-            "bytes_total": image.progress.bytes_total,
-        },
-        "error": image.error,
-        "size": image.size,
-        "config": image.config.to_dict() if image.config else None,
-        "created_at": image.created_at,
-        "updated_at": image.updated_at,
-    }
 
 
 def _images(runtime: Runtime) -> ImageManager:

@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from dataplane import sse
 from dataplane.errors import ApiError
+from dataplane.representations import instance_json
 from dataplane.runtime import Runtime
 from managers.instances import (
     CreateRequest,
@@ -23,67 +24,6 @@ from managers.instances import (
     InstanceState,
 )
 from managers.instances.logs import LogLine
-
-
-def instance_json(instance: Instance) -> dict[str, Any]:
-    """The contract's ``Instance``; a quarantined one has only its id, state and quarantine."""
-    record = instance.record
-    body: dict[str, Any] = {
-        "id": instance.id,
-        "name": instance.name,
-        "state": str(instance.state),
-        "program_started_at": instance.guest.program_started_at,
-        "exit_code": instance.guest.exit_code,
-        "error": instance.guest.error,
-        "pid": instance.pid,
-        "restarts": instance.restarts,
-        "quarantine": None,
-        "agent": {"ready": instance.agent.ready, "version": instance.agent.version},
-    }
-    quarantine = instance.quarantine
-    if quarantine is not None:
-        body["error"] = f"its record could not be read: {quarantine.reason}"
-        body["quarantine"] = {
-            "path": quarantine.path,
-            "reason": quarantine.reason,
-            "quarantined_at": quarantine.quarantined_at,
-        }
-    if record is None:
-        return {**body, **dict.fromkeys(_RECORD_FIELDS)}
-    network = record.network
-    return {
-        **body,
-        "image": record.image.name,
-        "image_digest": record.image.digest,
-        **record.machine_json(),
-        "network": {
-            "enabled": network.enabled,
-            "ip": network.address,
-            "mac": network.mac,
-            "gateway": network.gateway,
-        },
-        "created_at": record.created_at,
-    }
-
-
-# What only a readable record can tell; null for a quarantined instance.
-_RECORD_FIELDS = (
-    "image",
-    "image_digest",
-    "hypervisor",
-    "vcpus",
-    "memory_mb",
-    "memory_max_mb",
-    "overlay_size_mb",
-    "env",
-    "entrypoint",
-    "cmd",
-    "workdir",
-    "network",
-    "created_at",
-    "restart_policy",
-    "keep_on_exit",
-)
 
 
 def _manager(runtime: Runtime) -> InstanceManager:

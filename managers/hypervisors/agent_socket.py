@@ -8,6 +8,9 @@ accepted; a guest with no listener on that port makes it close the connection in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 from pathlib import Path
 
 import anyio
@@ -30,13 +33,64 @@ def agent_transport(kind: BackendKind) -> str:
     return f"vsock:{AGENT_VSOCK_PORT}"
 
 
+class UnixStream(ByteStream):
+    """A Unix socket connection as an anyio byte stream, on asyncio's own streams.
+
+    Why not ``anyio.connect_unix``: in anyio 4.16 a receive cancelled while its socket turns
+    readable resolves the same future twice (``InvalidStateError`` in a loop callback), and the
+    agent's reader is cancelled whenever a link stops. asyncio's streams are cancellation-safe.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, path: Path) -> UnixStream:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
+        return cls(reader, writer)
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket) -> UnixStream:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._writer.is_closing() and self._reader.at_eof():
+            raise anyio.ClosedResourceError
+        try:
+            data = await self._reader.read(max_bytes)
+        except ConnectionError as exc:
+            raise anyio.BrokenResourceError from exc
+        if not data:
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        if self._writer.is_closing():
+            raise anyio.ClosedResourceError
+        try:
+            self._writer.write(item)
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        self._writer.write_eof()
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await self._writer.wait_closed()
+
+
 async def connect_unix(path: Path) -> ByteStream:
-    return await anyio.connect_unix(path)
+    return await UnixStream.connect(path)
 
 
 async def connect_hybrid_vsock(path: Path, port: int = AGENT_VSOCK_PORT) -> ByteStream:
     """A stream to the guest's vsock ``port`` through Cloud Hypervisor's Unix socket."""
-    stream = await anyio.connect_unix(path)
+    stream = await UnixStream.connect(path)
     try:
         await stream.send(f"CONNECT {port}\n".encode())
         reply = bytearray()

@@ -153,6 +153,7 @@ class ImageManager:
         docker_config: Path | None = None,
         resolve_timeout: float = 5.0,
         scratch_dir: Path | None = DEFAULT_SCRATCH,
+        on_change: Callable[[str, Image], None] | None = None,
     ) -> None:
         if max_concurrent_builds < 1:
             raise ValueError("max_concurrent_builds must be at least 1")
@@ -171,6 +172,8 @@ class ImageManager:
         self._lock = anyio.Lock()
         self._adding = 0  # requests/imports putting blobs in the layout before their record exists
         self._opaque_noted: frozenset[Path] = frozenset()  # opaque records already logged
+        # Told ("image.ready", the image) after a change happened; the edge makes events of these.
+        self._on_change = on_change
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> ImageManager:
@@ -646,9 +649,17 @@ class ImageManager:
 
     async def _set(self, entry: _Entry, **changes: object) -> None:
         """A status change: on disk first, so whoever sees it may rely on it after a crash."""
+        before = entry.image.status
         entry.record = entry.record.with_image(updated_at=now_iso(), **changes)
         await self._save(entry.record)
         self._notify(entry)
+        after = entry.image.status
+        if after != before and after in (ImageStatus.READY, ImageStatus.FAILED):
+            self._changed(f"image.{after}", entry.image)
+
+    def _changed(self, kind: str, image: Image) -> None:
+        if self._on_change is not None:
+            self._on_change(kind, image)
 
     async def _save(self, record: Record) -> None:
         if record.image.digest in self._entries or record.image.status == ImageStatus.PENDING:
@@ -732,6 +743,7 @@ class ImageManager:
             self._store.remove(digest)
 
         await anyio.to_thread.run_sync(forget)
+        self._changed("image.deleted", entry.image)
         self._publish(entry, status=ImageStatus.FAILED, error="deleted", disk_path=None)
 
     async def _collect_blobs(self) -> int:

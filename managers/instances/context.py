@@ -34,7 +34,7 @@ from managers.instances.errors import InstanceNotFound, InstanceQuarantined, Inv
 from managers.instances.logs import SegmentedLog
 from managers.instances.pump import LogPump, PumpSet
 from managers.instances.store import InstanceStore
-from managers.instances.types import InstanceRecord, QuarantineInfo
+from managers.instances.types import Instance, InstanceRecord, QuarantineInfo
 from managers.network import Allocation, GuestNetwork
 from managers.paths import Paths
 
@@ -100,6 +100,11 @@ class Live:
     agent: AgentLink | None = None
 
 
+# Told of every change after it happened: ("instance.paused", the instance as it then reads).
+# The edge makes events of these; the instance manager knows nothing of how.
+ChangeCallback = Callable[[str, Instance], None]
+
+
 class Context:
     def __init__(
         self,
@@ -111,6 +116,7 @@ class Context:
         artifacts: Callable[[], Awaitable[GuestArtifacts]],
         network: NetworkPort | None,
         stop_grace_seconds: float,
+        on_change: ChangeCallback | None = None,
     ) -> None:
         self.paths = paths
         self.images = images
@@ -119,6 +125,7 @@ class Context:
         self.artifacts = artifacts
         self.network = network
         self.grace = stop_grace_seconds
+        self._on_change = on_change
         self.store = InstanceStore(paths)
         self.records: dict[str, InstanceRecord] = {}
         self.names: dict[str, str] = {}  # name -> id, reserved from the start of a create
@@ -129,6 +136,11 @@ class Context:
         self.spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] | None = None
         self._network_lock = anyio.Lock()
         self._network_started = False
+
+    def changed(self, kind: str, instance: Instance) -> None:
+        """Report a change that has happened (see ``ChangeCallback``)."""
+        if self._on_change is not None:
+            self._on_change(kind, instance)
 
     # -- records ----------------------------------------------------------------------
     def resolve(self, key: str) -> str:

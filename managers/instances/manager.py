@@ -24,8 +24,16 @@ from managers.guest import GuestArtifacts
 from managers.hypervisors import HypervisorBackend
 from managers.hypervisors import WrongState as HypervisorWrongState
 from managers.instances import actions, create, recovery, standby, supervise, views
-from managers.instances.context import Context, ImageSource, Live, NetworkPort, log
+from managers.instances.context import (
+    ChangeCallback,
+    Context,
+    ImageSource,
+    Live,
+    NetworkPort,
+    log,
+)
 from managers.instances.errors import (
+    ActionFailed,
     InstanceQuarantined,
     InvalidInstanceSpec,
     WrongInstanceState,
@@ -56,6 +64,16 @@ _WORK: dict[Action, _Work] = {
     Action.STANDBY: standby.standby,
     Action.RESTORE: standby.restore,
 }
+# The event each action's success reports.
+_CHANGES: dict[Action, str] = {
+    Action.START: "instance.started",
+    Action.STOP: "instance.stopped",
+    Action.REBOOT: "instance.rebooted",
+    Action.PAUSE: "instance.paused",
+    Action.RESUME: "instance.resumed",
+    Action.STANDBY: "instance.standby",
+    Action.RESTORE: "instance.restored",
+}
 # The VMM itself refuses these in the wrong state, so it is asked once and the state is
 # read only to explain a refusal.
 _VMM_CHECKED = {Action.PAUSE: InstanceState.RUNNING, Action.RESUME: InstanceState.PAUSED}
@@ -74,6 +92,7 @@ class InstanceManager:
         artifacts: Callable[[], Awaitable[GuestArtifacts]],
         network: NetworkPort | None = None,
         stop_grace_seconds: float = 10.0,
+        on_change: ChangeCallback | None = None,
     ) -> None:
         self._ctx = Context(
             paths,
@@ -83,6 +102,7 @@ class InstanceManager:
             artifacts=artifacts,
             network=network,
             stop_grace_seconds=stop_grace_seconds,
+            on_change=on_change,
         )
         self._reserve = anyio.Lock()
         self._tg: TaskGroup | None = None
@@ -148,7 +168,11 @@ class InstanceManager:
     async def create(self, request: CreateRequest) -> Instance:
         """Make an instance from an image, booted unless ``request.start`` is false."""
         record = await create.create(self._ctx, request, self._reserve)
-        return await views.view(self._ctx, record)
+        instance = await views.view(self._ctx, record)
+        self._ctx.changed("instance.created", instance)
+        if record.booted:
+            self._ctx.changed("instance.started", instance)
+        return instance
 
     async def delete(self, key: str) -> None:
         """End the instance's VMM and remove it with its disks, TAP and address."""
@@ -157,7 +181,9 @@ class InstanceManager:
         live = ctx.live_for(instance_id)
         async with live.lock:
             # Another delete may have finished while this one waited for the lock.
-            await create.delete(ctx, ctx.record(instance_id), live)
+            record = ctx.record(instance_id)
+            await create.delete(ctx, record, live)
+        ctx.changed("instance.deleted", views.snapshot(record, live, InstanceState.STOPPED))
 
     # -- actions ----------------------------------------------------------------------
     async def start_instance(self, key: str) -> Instance:
@@ -214,19 +240,24 @@ class InstanceManager:
         async with live.lock:
             record = ctx.record(instance_id)
             assumed = _VMM_CHECKED.get(action)
-            if assumed is not None and live.vmm is not None and live.unreachable is None:
-                try:
-                    await work(ctx, record, live, assumed)
-                except HypervisorWrongState:
+            try:
+                if assumed is not None and live.vmm is not None and live.unreachable is None:
+                    try:
+                        await work(ctx, record, live, assumed)
+                    except HypervisorWrongState:
+                        current = await views.state(ctx, record, live, owner=True)
+                        raise WrongInstanceState(
+                            instance_id, action, current, transition.allowed()
+                        ) from None
+                else:
                     current = await views.state(ctx, record, live, owner=True)
-                    raise WrongInstanceState(
-                        instance_id, action, current, transition.allowed()
-                    ) from None
-            else:
-                current = await views.state(ctx, record, live, owner=True)
-                if current not in transition.accepts:
-                    raise WrongInstanceState(instance_id, action, current, transition.allowed())
-                await work(ctx, record, live, current)
+                    if current not in transition.accepts:
+                        raise WrongInstanceState(instance_id, action, current, transition.allowed())
+                    await work(ctx, record, live, current)
+            except ActionFailed:
+                failed = await views.state_view(ctx, ctx.record(instance_id), live)
+                ctx.changed("instance.failed", failed)
+                raise
             if action is Action.START:
                 # Started by hand: a pending restart is moot and the count begins again.
                 live.restarts, live.restart_at = 0, None
@@ -234,7 +265,9 @@ class InstanceManager:
             after = transition.leads_to
             if after is InstanceState.INITIALIZING:
                 after = views.awake_state(live)
-            return views.snapshot(ctx.record(instance_id), live, after)
+            instance = views.snapshot(ctx.record(instance_id), live, after)
+            ctx.changed(_CHANGES[action], instance)
+            return instance
 
     # -- logs -------------------------------------------------------------------------
     async def log_for(self, key: str, source: str) -> SegmentedLog:

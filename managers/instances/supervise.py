@@ -18,7 +18,7 @@ from datetime import datetime
 
 import anyio
 
-from managers.instances import actions
+from managers.instances import actions, views
 from managers.instances.context import Context, Live, log
 from managers.instances.types import GuestStatus, InstanceRecord, InstanceState, RestartPolicy
 
@@ -82,6 +82,8 @@ async def _exited(ctx: Context, instance_id: str, live: Live, status: GuestStatu
             await actions.stop(ctx, record, live, InstanceState.SHUTDOWN)
         # Only once the VMM is released: a stop that failed is tried again at the next tick.
         live.handled_boot = status.boot
+        kind = "instance.failed" if status.error else "instance.exited"
+        ctx.changed(kind, await views.state_view(ctx, record, live))
         if restart:
             delay, live.restarts = backoff(live.restarts, status)
             live.restart_at = anyio.current_time() + delay
@@ -109,6 +111,9 @@ async def _restart(ctx: Context, instance_id: str, live: Live) -> None:
             return
         try:
             await actions.start(ctx, record, live, InstanceState.STOPPED)
+            ctx.changed(
+                "instance.started", await views.state_view(ctx, ctx.record(instance_id), live)
+            )
         except Exception as error:
             # Counted as a failed run: the next attempt waits longer.
             log.warning("restart failed: %s", error, extra={"instance_id": instance_id})

@@ -54,6 +54,7 @@ async def state(ctx: Context, record: InstanceRecord, live: Live, *, owner: bool
             await ctx.end_vmm(record.id, live)
             await ctx.stop_pump(record.id, live)
             await ctx.delete_tap(record.id)
+            ctx.changed("instance.failed", snapshot(record, live, _S.STOPPED))
         return _S.STOPPED
     except HypervisorError as error:
         log.warning("VMM does not answer: %s", error, extra={"instance_id": record.id})
@@ -74,6 +75,11 @@ async def view(ctx: Context, record: InstanceRecord) -> Instance:
         async with live.lock:
             current = await state(ctx, record, live, owner=True)
     return snapshot(record, live, current)
+
+
+async def state_view(ctx: Context, record: InstanceRecord, live: Live) -> Instance:
+    """The instance now, for the holder of its lock."""
+    return snapshot(record, live, await state(ctx, record, live, owner=True))
 
 
 def snapshot(record: InstanceRecord, live: Live, current: InstanceState) -> Instance:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from openapi_core.datatypes import RequestParameters
 
 from dataplane.contract import Contract, _HeaderDict, _MultiDict, _Request, _Response
-from dataplane.controllers.instances import instance_json
+from dataplane.representations import instance_json
 from dataplane.spec import Spec
 from managers.instances.types import (
     GuestStatus,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import ByteStream, UNIXSocketStream
+from anyio.abc import ByteStream
 
 from managers.agent import (
     AgentDisconnected,
@@ -46,6 +46,7 @@ from managers.agent import (
 from managers.agent import protocol as p
 from managers.agent.operations import set_time
 from managers.guest.initrd import compile_standalone_agent
+from managers.hypervisors.agent_socket import UnixStream
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +82,7 @@ def agent_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 async def channel(agent_socket: Path) -> AsyncIterator[Channel]:
-    stream = await anyio.connect_unix(agent_socket)
+    stream = await UnixStream.connect(agent_socket)
     channel = Channel(stream)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(channel.run)
@@ -305,8 +306,8 @@ class HostilePeer:
 
 async def peer_pair() -> tuple[Channel, HostilePeer]:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    host = await UNIXSocketStream.from_socket(left)
-    guest = await UNIXSocketStream.from_socket(right)
+    host = await UnixStream.from_socket(left)
+    guest = await UnixStream.from_socket(right)
     return Channel(host), HostilePeer(guest)
 
 

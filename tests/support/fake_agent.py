@@ -14,15 +14,16 @@ import errno
 import socket
 import threading
 
-from anyio.abc import ByteStream, UNIXSocketStream
+from anyio.abc import ByteStream
 
 from managers.agent import protocol as p
+from managers.hypervisors.agent_socket import UnixStream
 
 
 async def open_fake_agent() -> ByteStream:
     host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     threading.Thread(target=_serve, args=(guest,), daemon=True).start()
-    return await UNIXSocketStream.from_socket(host)
+    return await UnixStream.from_socket(host)
 
 
 def _serve(sock: socket.socket) -> None:

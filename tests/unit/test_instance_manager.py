@@ -260,7 +260,11 @@ class Node:
 
 
 def build(
-    paths: Paths, images: FakeImages, backend: FakeBackend, network: FakeNetwork
+    paths: Paths,
+    images: FakeImages,
+    backend: FakeBackend,
+    network: FakeNetwork,
+    changes: list[tuple[str, str]] | None = None,
 ) -> InstanceManager:
     kernel = paths.root / "kernel"
 
@@ -275,6 +279,9 @@ def build(
         default_hypervisor="cloud-hypervisor",
         artifacts=artifacts,
         network=network,
+        on_change=(lambda kind, instance: changes.append((kind, instance.id)))
+        if changes is not None
+        else None,
     )
 
 
@@ -465,3 +472,35 @@ async def _wait(manager: InstanceManager, key: str, done: Any) -> Any:
             if done(instance):
                 return instance
             await anyio.sleep(0.02)
+
+
+async def test_every_change_is_reported_after_it_happened(tmp_path: Path) -> None:
+    paths = Paths(tmp_path / "data")
+    paths.ensure()
+    disk = tmp_path / "rootfs.ext4"
+    disk.write_bytes(b"\0" * 4096)
+    changes: list[tuple[str, str]] = []
+    backend = FakeBackend(guest_script=[None, "program-exited code=3"])
+    async with build(paths, FakeImages(disk), backend, FakeNetwork(), changes) as manager:
+        web = (await manager.create(request("web"))).id
+        for action in (
+            manager.pause,
+            manager.resume,
+            manager.reboot,
+            manager.standby,
+            manager.restore,
+            manager.stop,
+        ):
+            await action("web")
+        with pytest.raises(WrongInstanceState):
+            await manager.resume("web")  # refused: nothing changed, nothing reported
+        await manager.start_instance("web")
+        await _wait(manager, "web", lambda i: i.state is InstanceState.STOPPED)
+        await manager.delete("web")
+    assert changes == [
+        (f"instance.{kind}", web)
+        for kind in (
+            "created", "started", "paused", "resumed", "rebooted", "standby", "restored",
+            "stopped", "started", "exited", "deleted",
+        )
+    ]  # fmt: skip

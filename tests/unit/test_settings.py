@@ -46,9 +46,13 @@ def test_values_are_parsed() -> None:
             "CACHE_SECONDS": "3600",
             "LOG_FORMAT": "json",
             "CONTRACT_VALIDATION": "off",
-            "WEBHOOK_ENDPOINT": "https://hooks.example/dataplane",
+            "WEBHOOK_ENDPOINT": "https://hooks.example/dataplane, http://127.0.0.1:9/b",
+            "WEBHOOK_SECRET": "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY",
+            "WEBHOOK_MAX_AGE": "3600",
         }
     )
+    assert settings.webhook_endpoints == ("https://hooks.example/dataplane", "http://127.0.0.1:9/b")
+    assert settings.webhook_max_age_seconds == 3600
     assert settings.port == 9000
     assert settings.hypervisor == "qemu"
     assert settings.subnet_cidr.prefixlen == 16
@@ -78,6 +82,13 @@ def test_values_are_parsed() -> None:
         ({"JWT_SECRET": " padded-secret-value "}, "JWT_SECRET"),
         ({"NODE_ID": "node id with spaces"}, "NODE_ID"),
         ({"WEBHOOK_ENDPOINT": "ftp://x"}, "WEBHOOK_ENDPOINT"),
+        ({"WEBHOOK_ENDPOINT": "https://a.example,nonsense"}, "WEBHOOK_ENDPOINT"),
+        ({"WEBHOOK_SECRET": "plain-secret-without-prefix"}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_SECRET": "whsec_not*base64*at*all"}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_SECRET": "whsec_c2hvcnQ="}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_ENDPOINT": "https://hooks.example/x"}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_MAX_AGE": "5"}, "WEBHOOK_MAX_AGE"),
+        ({"EVENT_RETENTION_BYTES": "10"}, "EVENT_RETENTION_BYTES"),
         ({"CACHE_SECONDS": "-1"}, "CACHE_SECONDS"),
         ({"MAX_CONCURRENT_BUILDS": "0"}, "MAX_CONCURRENT_BUILDS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
