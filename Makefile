@@ -27,6 +27,7 @@ bench: setup
 	$(PY) scripts/bench/guest.py
 	$(PY) scripts/bench/lifecycle.py
 	$(PY) scripts/bench/agent.py
+	$(PY) scripts/bench/events.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -137,6 +137,9 @@ class EventLog:
         path.rename(holder / path.name)
         moved = quarantine(Paths(self.root.parent), "events", holder, reason)
         log.error("event log segment %s quarantined at %s: %s", path.name, moved, reason)
+        # Its events' numbers may be handed out again: a new tag keeps the new ids distinct.
+        self._tag = secrets.token_hex(4)
+        (self.root / "tag").write_text(self._tag + "\n")
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod

@@ -67,7 +67,7 @@ class Endpoint:
         self.signer = signer
         self.client = client
         self.max_age = max_age_seconds
-        self.cursor_file = cursor_dir / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
+        self.cursor_file = cursor_file(cursor_dir, url)
         self.stats = EndpointStats()
 
     def load_cursor(self) -> None:
@@ -80,9 +80,7 @@ class Endpoint:
             self._save_cursor()
 
     def _save_cursor(self) -> None:
-        write_json_atomic(
-            self.cursor_file, {"endpoint": self.url, "delivered_seq": self.stats.cursor}
-        )
+        save_cursor(self.cursor_file, self.url, self.stats.cursor)
 
     async def run(self) -> None:
         """Deliver for ever (until cancelled)."""
@@ -155,6 +153,15 @@ class Endpoint:
 
     def _count(self, result: str) -> None:
         self.stats.by_result[result] = self.stats.by_result.get(result, 0) + 1
+
+
+def cursor_file(cursor_dir: Path, url: str) -> Path:
+    """Where an endpoint's cursor lives: one file per URL."""
+    return cursor_dir / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
+
+
+def save_cursor(path: Path, url: str, delivered_seq: int) -> None:
+    write_json_atomic(path, {"endpoint": url, "delivered_seq": delivered_seq})
 
 
 def signer_for(secret: str) -> Webhook:
