@@ -1,8 +1,9 @@
 """Webhook delivery: the event log is the outbox; each endpoint keeps its own cursor.
 
 Every event is on disk (``EventLog.append`` fsyncs) before any delivery starts, and an
-endpoint's cursor (``events/cursors/<hash>.json``) moves only after a 2xx, so delivery is
-at-least-once across crashes and restarts; receivers dedupe by ``webhook-id``. Events go out in
+endpoint's cursor (``events/cursors/<hash>.json``) moves only after a 2xx (and is written at
+most every 100 ms while a backlog drains, and when it is drained), so delivery is at-least-once
+across crashes and restarts; receivers dedupe by ``webhook-id``. Events go out in
 log order, one at a time per endpoint, which keeps every resource's events in order. A failure
 (a non-2xx answer, a timeout, a refused or reset connection) is retried with exponential
 back-off and full jitter, from 1 s up to 5 min between tries, until the event is older than
@@ -36,6 +37,7 @@ log = logging.getLogger("dataplane.events")
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 300.0
 REQUEST_TIMEOUT_SECONDS = 10.0
+CURSOR_SECONDS = 0.1
 
 
 @dataclass(slots=True)
@@ -99,11 +101,18 @@ class Endpoint:
             batch = await anyio.to_thread.run_sync(
                 lambda: list(self.events.read_from(self.stats.cursor + 1, limit=256))
             )
+            saved_at = time.monotonic()
             for event in batch:
                 await self._deliver(event)
                 failpoint("events.delivered")
                 self.stats.cursor = event.seq
-                await anyio.to_thread.run_sync(self._save_cursor)
+                # Written at most every CURSOR_SECONDS while a backlog drains: a crash then
+                # re-sends what was delivered since (at-least-once allows it), and a drain is
+                # not held to one fsync per event.
+                if time.monotonic() - saved_at >= CURSOR_SECONDS:
+                    await anyio.to_thread.run_sync(self._save_cursor)
+                    saved_at = time.monotonic()
+            await anyio.to_thread.run_sync(self._save_cursor)
 
     async def _deliver(self, event: Event) -> None:
         body = json.dumps(event.envelope(), separators=(",", ":"), ensure_ascii=False).encode()

@@ -148,6 +148,7 @@ class Channel:
         self._pongs: list[tuple[bytes, anyio.Event]] = []
         self._closed_reason: str | None = None
         self._reader: anyio.CancelScope | None = None
+        self.hello_sent = anyio.Event()
         self.closed = anyio.Event()
 
     @property
@@ -163,6 +164,7 @@ class Channel:
                 if self.closed.is_set():
                     return
                 await self.send(Msg.HELLO, 0, hello)
+                self.hello_sent.set()
                 while True:
                     data = await self._stream.receive(_READ_SIZE)
                     for frame in self._decoder.feed(data):
@@ -179,6 +181,7 @@ class Channel:
             reason = f"the agent broke the protocol: {exc}"
         finally:
             self._finish(self._closed_reason or reason)
+            self.hello_sent.set()  # whoever waits for it finds the channel closed
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._stream.aclose()
 

@@ -102,11 +102,14 @@ class AgentLink:
         return handshaken
 
     async def _handshake(self, channel: Channel) -> None:
-        hello = await channel.wait_ready()
+        # SET_TIME goes right behind HELLO, without waiting for HELLO_OK: the agent answers
+        # both in order, and a restored guest spares a round trip before it reads Running.
+        await channel.hello_sent.wait()
         try:
             await set_time(channel, time.time_ns())
         except GuestOperationFailed as exc:
             log.warning("agent of %s could not set the clock: %s", self.instance_id, exc)
+        hello = await channel.wait_ready()
         self._version = hello.agent
         self._generation += 1
         self._ready.set()

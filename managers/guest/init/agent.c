@@ -57,6 +57,11 @@
 #define EXIT_GRACE_MS 250
 #define TRANSPORT_WAIT_MS 10000
 #define RETRY_MS 100
+/* A port that just lost its host is looked at every HUP_FAST_RETRY_MS for HUP_FAST_MS, then
+ * every RETRY_MS: a host that reconnects at once (after a restore) is noticed within
+ * milliseconds, and one that stays away costs ten wake-ups a second. */
+#define HUP_FAST_RETRY_MS 2
+#define HUP_FAST_MS 300
 #define CREDIT_BATCH (32u << 10)
 #define MESSAGE_MAX 512
 #define MAX_POLL (2 + MAX_CHANNELS * (1 + AGENT_MAX_SESSIONS * 4))
@@ -112,7 +117,8 @@ struct channel {
     int fd;       /* a port being looked for again: -1 */
     int synced;   /* a HELLO was answered; until then bytes are scanned for one */
     int broken;   /* to be torn down between poll rounds */
-    int hung_up;  /* a port with no host: not polled, looked at every RETRY_MS */
+    int hung_up;  /* a port with no host: not polled, looked at again at retry_at */
+    long hung_up_at;
     long retry_at;
     size_t in_len;
     unsigned char in[INBUF_SIZE];
@@ -1587,12 +1593,14 @@ static void channel_clear(struct channel *ch)
 }
 
 /* The port reports POLLHUP while no host is connected: whatever was going on ended with
- * the connection.  Polling it now would spin, so it is looked at every RETRY_MS. */
+ * the connection.  Polling it now would spin, so it is looked at again on a timer (see
+ * HUP_FAST_MS). */
 static void port_hang_up(struct channel *ch)
 {
     channel_clear(ch);
     ch->hung_up = 1;
-    ch->retry_at = now_ms() + RETRY_MS;
+    ch->hung_up_at = now_ms();
+    ch->retry_at = ch->hung_up_at + HUP_FAST_RETRY_MS;
 }
 
 static void port_lost(struct channel *ch)
@@ -1957,11 +1965,17 @@ static long port_check(struct channel *ch, long now)
     struct pollfd p = {.fd = ch->fd, .events = POLLIN};
     if (poll(&p, 1, 0) < 0)
         return RETRY_MS;
-    if (p.revents & (POLLERR | POLLNVAL))
+    if (p.revents & (POLLERR | POLLNVAL)) {
         port_lost(ch); /* unplugged, say: find it again */
-    else if (!(p.revents & POLLHUP))
+        return RETRY_MS;
+    }
+    if (!(p.revents & POLLHUP)) {
         ch->hung_up = 0;
-    return RETRY_MS;
+        return RETRY_MS;
+    }
+    long step = now - ch->hung_up_at < HUP_FAST_MS ? HUP_FAST_RETRY_MS : RETRY_MS;
+    ch->retry_at = now + step;
+    return step;
 }
 
 /* Grace periods and ports looked at again; returns the poll timeout. */
