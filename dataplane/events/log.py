@@ -3,7 +3,8 @@
 Each event is one line, written and fsynced before :meth:`EventLog.append` returns, so an event
 anyone has seen (a webhook, a stream) is on disk. A crash mid-write leaves at most a torn last
 line, which the next start cuts off: that event was never acknowledged to anyone. Segments roll
-at ``SEGMENT_BYTES``; whole segments past the retention (bytes, age) are dropped, oldest first.
+at ``SEGMENT_BYTES``; whole segments past the retention (bytes, age) are dropped, oldest first,
+when a segment rolls and at start-up (the newest segment always stays).
 
 ``resources.json`` keeps, for every resource the log has spoken of, the type of its last event:
 written when segments are dropped (before they go), it lets start-up know what was announced
@@ -102,6 +103,7 @@ class EventLog:
         elif self._segments:
             self._next_seq = self._segments[-1].first_seq
         self._next_seq = max(self._next_seq, index_seq + 1)
+        self._enforce_retention()
 
     def _load(self, path: Path, *, last: bool) -> _Segment | None:
         try:
