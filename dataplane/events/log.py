@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from managers.atomic import fsync_dir, write_json_atomic
+from managers.atomic import fsync_dir, write_atomic, write_json_atomic
 from managers.paths import Paths
 from managers.quarantine import quarantine
 
@@ -73,7 +73,8 @@ class EventLog:
     # -- start-up ---------------------------------------------------------------------
     def open(self) -> None:
         """Load the segments (cutting a torn tail), the tag and the resource index. Blocking."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(exist_ok=True, mode=0o700)
+        self.dir.mkdir(exist_ok=True, mode=0o700)
         tag_file = self.root / "tag"
         try:
             self._tag = tag_file.read_text().strip()
@@ -81,7 +82,7 @@ class EventLog:
             self._tag = ""
         if len(self._tag) != 8:
             self._tag = secrets.token_hex(4)
-            tag_file.write_text(self._tag + "\n")
+            write_atomic(tag_file, self._tag.encode() + b"\n")
         index = self.root / "resources.json"
         index_seq = 0
         try:
@@ -141,7 +142,7 @@ class EventLog:
         log.error("event log segment %s quarantined at %s: %s", path.name, moved, reason)
         # Its events' numbers may be handed out again: a new tag keeps the new ids distinct.
         self._tag = secrets.token_hex(4)
-        (self.root / "tag").write_text(self._tag + "\n")
+        write_atomic(self.root / "tag", self._tag.encode() + b"\n")
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod

@@ -30,7 +30,7 @@ from tests.integration.test_instances_api import wait_ready
 from tests.support.apps import push_app
 from tests.support.artifacts import shared_artifacts
 from tests.support.registry import running_registry
-from tests.support.server import RunningServer, run_server
+from tests.support.server import RunningServer, run_server, wait_agent_ready
 
 pytestmark = [
     pytest.mark.e2e,
@@ -86,20 +86,10 @@ def instance(guest: Guest, request: pytest.FixtureRequest) -> Iterator[str]:
     assert response.status_code == 201, response.text
     instance_id = str(response.json()["id"])
     try:
-        wait_agent(guest.client, instance_id)
+        wait_agent_ready(guest.client, instance_id)
         yield instance_id
     finally:
         guest.client.delete(f"/instances/{instance_id}")
-
-
-def wait_agent(client: httpx.Client, instance_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + BOUND
-    while True:
-        body: dict[str, Any] = client.get(f"/instances/{instance_id}").json()
-        if body["state"] == "Running" and body["agent"]["ready"]:
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
 
 
 def run(client: httpx.Client, instance_id: str, **request: Any) -> dict[str, Any]:
@@ -276,7 +266,7 @@ def test_exec_and_clock_after_standby_and_restore(guest: Guest, instance: str) -
     time.sleep(4)  # the frozen guest's clock falls this far behind
     restored = client.post(f"/instances/{instance}/restore")
     assert restored.status_code == 200
-    wait_agent(client, instance)
+    wait_agent_ready(client, instance)
     before = time.time()
     guest_time = int(run(client, instance, command=["date", "+%s"])["stdout"])
     after = time.time()

@@ -9,6 +9,7 @@ purpose) checks what the host does when the guest misbehaves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, TaskGroup
 
 from managers.agent import (
     AgentDisconnected,
@@ -311,6 +312,17 @@ async def peer_pair() -> tuple[Channel, HostilePeer]:
     return Channel(host), HostilePeer(guest)
 
 
+@contextlib.asynccontextmanager
+async def synced_peer() -> AsyncIterator[tuple[Channel, HostilePeer, TaskGroup]]:
+    """A channel past its handshake with a hostile peer, its reader running in ``tasks``."""
+    channel, peer = await peer_pair()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(channel.run)
+        await peer.answer_hello()
+        await channel.wait_ready()
+        yield channel, peer, tasks
+
+
 async def test_the_host_resynchronises_past_garbage_and_stale_answers() -> None:
     channel, peer = await peer_pair()
     async with anyio.create_task_group() as tasks:
@@ -323,11 +335,7 @@ async def test_the_host_resynchronises_past_garbage_and_stale_answers() -> None:
 
 
 async def test_a_guest_that_ignores_its_window_is_cut_off() -> None:
-    channel, peer = await peer_pair()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(channel.run)
-        await peer.answer_hello()
-        await channel.wait_ready()
+    async with synced_peer() as (channel, peer, tasks):
 
         async def flood() -> None:
             kind, stream, _ = await peer.read_frame()
@@ -344,11 +352,7 @@ async def test_a_guest_that_ignores_its_window_is_cut_off() -> None:
 
 
 async def test_oversized_frames_are_refused() -> None:
-    channel, peer = await peer_pair()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(channel.run)
-        await peer.answer_hello()
-        await channel.wait_ready()
+    async with synced_peer() as (channel, peer, _):
         header = p.HEADER.pack(p.MAGIC, p.Msg.DATA_OUT, 0, 0, 1, p.MAX_PAYLOAD + 1)
         await peer.stream.send(header)
         with anyio.fail_after(5):
@@ -368,11 +372,7 @@ def test_records_round_trip_and_reject_truncation() -> None:
 
 
 async def test_a_malformed_answer_is_a_protocol_error_not_a_crash() -> None:
-    channel, peer = await peer_pair()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(channel.run)
-        await peer.answer_hello()
-        await channel.wait_ready()
+    async with synced_peer() as (channel, peer, tasks):
 
         async def answer_badly() -> None:
             kind, stream, _ = await peer.read_frame()
@@ -387,11 +387,7 @@ async def test_a_malformed_answer_is_a_protocol_error_not_a_crash() -> None:
 
 
 async def test_a_guest_flooding_control_frames_is_cut_off() -> None:
-    channel, peer = await peer_pair()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(channel.run)
-        await peer.answer_hello()
-        await channel.wait_ready()
+    async with synced_peer() as (channel, peer, tasks):
 
         async def flood() -> None:
             _, stream, _ = await peer.read_frame()

@@ -8,7 +8,6 @@ behind it (``CH_SIMULATOR_AGENT``). Every request the dataplane sends to the sim
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from managers.guest.initrd import compile_standalone_agent
 from tests.integration.test_instances_api import server_env, wait_ready
 from tests.support.apps import COUNTER, push_app
 from tests.support.registry import running_registry
-from tests.support.server import RunningServer, run_server
+from tests.support.server import RunningServer, run_server, wait_agent_ready
 
 BOUND = 60.0
 
@@ -59,16 +58,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     assert not violations.exists() or not violations.read_text().strip(), violations.read_text()
 
 
-def wait_agent(client: httpx.Client, instance_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + BOUND
-    while True:
-        body: dict[str, Any] = client.get(f"/instances/{instance_id}").json()
-        if body["state"] == "Running" and body["agent"]["ready"]:
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
-
-
 def exec_ok(client: httpx.Client, instance_id: str, command: list[str]) -> dict[str, Any]:
     answer = client.post(f"/instances/{instance_id}/exec", json={"command": command})
     assert answer.status_code == 200, answer.text
@@ -81,7 +70,7 @@ def test_exec_files_and_stat_over_hybrid_vsock(world: World) -> None:
     instance_id = client.post("/instances", json={"name": "vsock", "image": world.image}).json()[
         "id"
     ]
-    wait_agent(client, instance_id)
+    wait_agent_ready(client, instance_id)
     result = exec_ok(client, instance_id, ["sh", "-c", "echo hi; id -u"])
     assert result["stdout"] == "hi\n65534\n"  # the simulator's guest runs commands as nobody
     target = str(world.scratch / "sent.txt")
@@ -96,7 +85,7 @@ def test_pause_refuses_and_restore_reconnects(world: World) -> None:
     instance_id = client.post("/instances", json={"name": "cycle", "image": world.image}).json()[
         "id"
     ]
-    wait_agent(client, instance_id)
+    wait_agent_ready(client, instance_id)
     assert client.post(f"/instances/{instance_id}/pause").status_code == 200
     paused = client.post(f"/instances/{instance_id}/exec", json={"command": ["true"]})
     assert paused.status_code == 409
@@ -107,5 +96,5 @@ def test_pause_refuses_and_restore_reconnects(world: World) -> None:
     body = client.get(f"/instances/{instance_id}").json()
     assert body["agent"] == {"ready": False, "version": None}
     assert client.post(f"/instances/{instance_id}/restore").status_code == 200
-    wait_agent(client, instance_id)
+    wait_agent_ready(client, instance_id)
     assert exec_ok(client, instance_id, ["echo", "restored"])["stdout"] == "restored\n"

@@ -147,8 +147,9 @@ def serve(node: Node, backend: str, failpoint: str | None = None) -> Any:
 def test_sigkill_at_failpoint_then_restart_loses_and_leaks_nothing(node: Node, case: Case) -> None:
     if case.backend == "qemu" and shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    if case.backend == "simulator" and missing_spec_reason() is not None:
-        pytest.skip(missing_spec_reason() or "")
+    spec_missing = missing_spec_reason()
+    if case.backend == "simulator" and spec_missing is not None:
+        pytest.skip(spec_missing)
     name = f"victim-{len(case.step)}"
     try:
         with serve(node, case.backend, case.step) as server, server.client(BOUND) as client:

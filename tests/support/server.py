@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -121,6 +122,19 @@ def run_server(
     if check_contract:
         violations = [line for line in server.log().splitlines() if "contract violation" in line]
         assert not violations, "the server broke its contract:\n" + "\n".join(violations)
+
+
+def wait_agent_ready(
+    client: httpx.Client, instance_id: str, bound: float = 120.0
+) -> dict[str, Any]:
+    """Poll the instance until it is Running and its guest agent answers; its last body."""
+    deadline = time.monotonic() + bound
+    while True:
+        body: dict[str, Any] = client.get(f"/instances/{instance_id}").json()
+        if body["state"] == "Running" and body["agent"]["ready"]:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
 
 
 def reap_vmms(data_dir: Path) -> None:

@@ -1128,27 +1128,38 @@ static void put_stat(struct agent_writer *w, const struct stat *st)
     agent_put_stat_record(w, &a);
 }
 
+/* The request's records and its PATH, or the session answered with ERROR and -1. */
+static int path_request(struct channel *ch, struct session *s, const unsigned char *p, size_t len,
+                        struct fields *f)
+{
+    char err[MESSAGE_MAX];
+    int e = parse_fields(p, len, f, err, sizeof err);
+    if (!e)
+        e = fields_path(f, &s->path, err, sizeof err);
+    if (e) {
+        session_fail(ch, s, e, "%s", err);
+        return -1;
+    }
+    return 0;
+}
+
 static char *temp_name(const char *path)
 {
     const char *slash = strrchr(path, '/');
     size_t dir = (size_t)(slash - path);
-    char *tmp = malloc(dir + 32);
+    static const char suffix[] = "/.dataplane-write-XXXXXX";
+    char *tmp = malloc(dir + sizeof suffix);
     if (tmp)
-        sprintf(tmp, "%.*s/.dataplane-write-XXXXXX", (int)dir, path);
+        snprintf(tmp, dir + sizeof suffix, "%.*s%s", (int)dir, path, suffix);
     return tmp;
 }
 
 static void write_start(struct channel *ch, struct session *s, const unsigned char *p, size_t len)
 {
     struct fields f;
-    char err[MESSAGE_MAX];
-    int e = parse_fields(p, len, &f, err, sizeof err);
-    if (!e)
-        e = fields_path(&f, &s->path, err, sizeof err);
-    if (e) {
-        session_fail(ch, s, e, "%s", err);
+    int e = 0;
+    if (path_request(ch, s, p, len, &f) < 0)
         return;
-    }
     s->mode = f.has_mode ? (mode_t)(f.mode & 07777) : 0644;
     char *tmp = temp_name(s->path);
     if (!tmp) {
@@ -1236,14 +1247,9 @@ static int read_start_tar(struct session *s, int dirfd)
 static void read_start(struct channel *ch, struct session *s, const unsigned char *p, size_t len)
 {
     struct fields f;
-    char err[MESSAGE_MAX];
-    int e = parse_fields(p, len, &f, err, sizeof err);
-    if (!e)
-        e = fields_path(&f, &s->path, err, sizeof err);
-    if (e) {
-        session_fail(ch, s, e, "%s", err);
+    int e = 0;
+    if (path_request(ch, s, p, len, &f) < 0)
         return;
-    }
     /* Looked at before opening: opening a device or a fifo may block or have effects. */
     struct stat st;
     if (stat(s->path, &st) < 0) {
@@ -1285,14 +1291,9 @@ static void read_start(struct channel *ch, struct session *s, const unsigned cha
 static void stat_run(struct channel *ch, struct session *s, const unsigned char *p, size_t len)
 {
     struct fields f;
-    char err[MESSAGE_MAX];
-    int e = parse_fields(p, len, &f, err, sizeof err);
-    if (!e)
-        e = fields_path(&f, &s->path, err, sizeof err);
-    if (e) {
-        session_fail(ch, s, e, "%s", err);
+    int e = 0;
+    if (path_request(ch, s, p, len, &f) < 0)
         return;
-    }
     struct stat st;
     if (lstat(s->path, &st) < 0) {
         e = errno;
