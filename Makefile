@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= /var/lib/dataplane
 export DATA_DIR
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench install clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -28,6 +28,12 @@ bench: setup
 	$(PY) scripts/bench/lifecycle.py
 	$(PY) scripts/bench/agent.py
 	$(PY) scripts/bench/events.py
+	$(PY) scripts/bench/volumes.py
+	$(PY) scripts/bench/network.py
+
+# The venv in $(PREFIX)/venv, the systemd unit, and /etc/dataplane/env (see deploy/README.md).
+install: setup
+	@DATA_DIR=$(DATA_DIR) scripts/install.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

@@ -3,6 +3,7 @@
 Request flow, outermost first::
 
     RequestContextMiddleware   request id, access log
+    MetricsMiddleware          requests counted and timed by route template
     AuthMiddleware             bearer token / JWT, before anything else looks at the request
     ContractMiddleware         openapi-core on the request and the response
     Litestar                   routing, DI, exception handlers -> controllers -> managers
@@ -28,9 +29,14 @@ from dataplane.controllers.docs import DocsController
 from dataplane.controllers.events import EventsController
 from dataplane.controllers.guest import GuestController
 from dataplane.controllers.images import ImagesController
+from dataplane.controllers.ingresses import IngressesController
 from dataplane.controllers.instances import InstancesController
 from dataplane.controllers.meta import MetaController
+from dataplane.controllers.metrics import MetricsController
+from dataplane.controllers.resources import ResourcesController
+from dataplane.controllers.volumes import AttachmentsController, VolumesController
 from dataplane.errors import EXCEPTION_HANDLERS
+from dataplane.metrics import MetricsMiddleware
 from dataplane.requestctx import RequestContextMiddleware
 from dataplane.runtime import Runtime
 from dataplane.settings import Settings
@@ -48,11 +54,16 @@ def create_app(settings: Settings, *, managers: ManagerFactory = real_managers) 
     app = Litestar(
         route_handlers=[
             MetaController,
+            ResourcesController,
+            MetricsController,
             DocsController,
             ImagesController,
             InstancesController,
             GuestController,
             EventsController,
+            VolumesController,
+            IngressesController,
+            AttachmentsController,
         ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
@@ -64,11 +75,11 @@ def create_app(settings: Settings, *, managers: ManagerFactory = real_managers) 
     contract = ContractMiddleware(
         cast(ASGIApp, app.asgi_handler), spec, enabled=settings.contract_validation
     )
+    public = frozenset({"getMetrics"}) if settings.metrics_public else frozenset()
+    auth = AuthMiddleware(contract, spec, settings.auth_token, settings.jwt_secret, public)
     app.asgi_handler = cast(
         LitestarASGIApp,
-        RequestContextMiddleware(
-            AuthMiddleware(contract, spec, settings.auth_token, settings.jwt_secret)
-        ),
+        RequestContextMiddleware(MetricsMiddleware(auth, spec, runtime.metrics)),
     )
     app.state.runtime = runtime
     app.state.contract = contract

@@ -37,6 +37,8 @@ class AuthMiddleware:
     spec: Spec
     token: str | None
     jwt_secret: str | None
+    # Operation ids open without a token on top of those the spec marks open (METRICS_PUBLIC).
+    public: frozenset[str] = frozenset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -47,7 +49,9 @@ class AuthMiddleware:
         # A WebSocket handshake is a GET.
         method = scope["method"] if kind == "http" else "GET"
         match = self.spec.match(method, raw_path.split("?", 1)[0])
-        if match is not None and match.operation.open:
+        if match is not None and (
+            match.operation.open or match.operation.operation_id in self.public
+        ):
             await self.app(scope, receive, send)
             return
         try:

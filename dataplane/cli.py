@@ -24,6 +24,7 @@ from dataplane.app import create_app
 from dataplane.errors import JSON, error_body
 from dataplane.logsetup import configure
 from dataplane.settings import Settings, SettingsError
+from dataplane.tls import ReloadableContext
 
 log = logging.getLogger("dataplane")
 
@@ -75,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     open_files = raise_open_file_limit()
     log.debug("open-file limit: %d", open_files)
+    scheme = "https" if settings.tls is not None else "http"
     where = (
         f"unix:{settings.listen_socket}"
         if settings.listen_socket
-        else f"{settings.listen_addr}:{settings.port}"
+        else f"{scheme}://{settings.listen_addr}:{settings.port}"
     )
     if not settings.auth_enabled:
         log.warning(
@@ -86,21 +88,27 @@ def main(argv: list[str] | None = None) -> int:
             "(listening on %s)",
             where,
         )
-    config = server_config(create_app(settings), settings)
+    tls = ReloadableContext(settings.tls) if settings.tls is not None else None
+    config = server_config(create_app(settings), settings, tls)
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal
     # with the handlers it found installed; these make that final step a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
+    if tls is not None:
+        # The certificate, key and client CA are read again; open connections are untouched.
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: tls.reload())
     server.run()
     # uvicorn leaves `started` False when start-up failed (port in use, lifespan error).
     return 0 if server.started else 1
 
 
-def server_config(app: Callable[..., Any], settings: Settings) -> uvicorn.Config:
+def server_config(
+    app: Callable[..., Any], settings: Settings, tls: ReloadableContext | None = None
+) -> uvicorn.Config:
     """How ``dataplane`` serves ``app``: one place, so tests can serve a stand-in app
     exactly as the command serves the real one."""
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=settings.listen_addr,
         port=settings.port,
@@ -115,7 +123,15 @@ def server_config(app: Callable[..., Any], settings: Settings) -> uvicorn.Config
         ws="wsproto",
         # SSE followers would otherwise hold a SIGTERM shutdown open forever.
         timeout_graceful_shutdown=10,
+        # Named so uvicorn knows it serves HTTPS (the scope's scheme); the context it would
+        # build from them is replaced below by one that can be reloaded.
+        ssl_certfile=str(tls.files.cert) if tls is not None else None,
+        ssl_keyfile=str(tls.files.key) if tls is not None else None,
     )
+    if tls is not None:
+        config.load()
+        config.ssl = tls.listening
+    return config
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

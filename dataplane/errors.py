@@ -22,8 +22,11 @@ from managers.errors import DomainError
 from managers.guest import errors as guest_errors
 from managers.hypervisors import errors as hypervisor_errors
 from managers.images import errors as images_errors
+from managers.ingresses import errors as ingresses_errors
 from managers.instances import errors as instances_errors
 from managers.network import errors as network_errors
+from managers.resources import errors as resources_errors
+from managers.volumes import errors as volumes_errors
 
 log = logging.getLogger("dataplane.errors")
 
@@ -69,6 +72,12 @@ def error_response(error: ApiError) -> Response[bytes]:
 # from the error itself; the status from the most specific class listed here, because lookups
 # walk the exception's MRO (``DomainError`` last, so every domain error has one).
 DOMAIN_ERRORS: dict[type[DomainError], int] = {
+    resources_errors.ResourceError: 500,
+    resources_errors.InsufficientResources: 409,
+    images_errors.BuildFailed: 500,
+    images_errors.ImageTooLarge: 413,
+    images_errors.StorageFull: 507,
+    images_errors.DigestMismatch: 500,
     images_errors.InvalidReference: 400,
     images_errors.InvalidArchive: 400,
     images_errors.InvalidFormat: 400,
@@ -87,6 +96,7 @@ DOMAIN_ERRORS: dict[type[DomainError], int] = {
     instances_errors.InstanceExists: 409,
     instances_errors.WrongInstanceState: 409,
     instances_errors.InstanceQuarantined: 409,
+    instances_errors.VolumeNotAttached: 404,
     instances_errors.ActionFailed: 500,
     instances_errors.InstanceError: 500,
     guest_errors.GuestError: 503,
@@ -101,6 +111,27 @@ DOMAIN_ERRORS: dict[type[DomainError], int] = {
     agent_errors.AgentProtocolError: 502,
     agent_errors.AgentUnavailable: 503,
     agent_errors.AgentError: 500,
+    volumes_errors.InvalidVolumeSpec: 400,
+    volumes_errors.InvalidVolumeArchive: 400,
+    volumes_errors.VolumeTooSmall: 400,
+    volumes_errors.VolumeNotFound: 404,
+    volumes_errors.SourceImageMissing: 404,
+    volumes_errors.SourceImageNotReady: 409,
+    volumes_errors.VolumeExists: 409,
+    volumes_errors.VolumeInUse: 409,
+    volumes_errors.VolumeBusy: 409,
+    volumes_errors.VolumeQuarantined: 409,
+    volumes_errors.InsufficientStorage: 507,
+    volumes_errors.VolumeBuildFailed: 500,
+    volumes_errors.VolumeError: 500,
+    ingresses_errors.InvalidIngressSpec: 400,
+    ingresses_errors.PrivilegedPort: 403,
+    ingresses_errors.IngressNotFound: 404,
+    ingresses_errors.TargetNotFound: 404,
+    ingresses_errors.IngressExists: 409,
+    ingresses_errors.PortInUse: 409,
+    ingresses_errors.InstanceWithoutNetwork: 409,
+    ingresses_errors.IngressError: 500,
     network_errors.AddressExhausted: 409,
     network_errors.NetworkError: 500,
     DomainError: 500,

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from dataplane.settings import LogFormat
-from managers.instances.logs import SegmentedLog
+from managers.instances.logs import DEFAULT_RETENTION_BYTES, LogTally, SegmentedLog
 from managers.paths import Paths
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -88,9 +88,17 @@ class InstanceLogHandler(logging.Handler):
     """Copies every record about an instance (``extra={"instance_id": …}``) into that
     instance's ``dataplane`` log, which ``GET /instances/{id}/logs?source=dataplane`` serves."""
 
-    def __init__(self, paths: Paths, log_format: LogFormat) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        log_format: LogFormat,
+        tally: LogTally | None = None,
+        retention_bytes: int = DEFAULT_RETENTION_BYTES,
+    ) -> None:
         super().__init__()
         self._paths = paths
+        self._tally = tally
+        self._retention_bytes = retention_bytes
         self.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
         self.addFilter(_RequestIdFilter())
 
@@ -103,7 +111,9 @@ class InstanceLogHandler(logging.Handler):
         if not folder.is_dir():
             return
         try:
-            SegmentedLog(folder, "dataplane").append(self.format(record).encode() + b"\n")
+            SegmentedLog(
+                folder, "dataplane", retention_bytes=self._retention_bytes, tally=self._tally
+            ).append(self.format(record).encode() + b"\n")
         except FileNotFoundError:
             pass  # the instance was removed between the check and the write
         except Exception:

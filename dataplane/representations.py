@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from managers.images import Image
+from managers.ingresses import IngressRecord
 from managers.instances import Instance
+from managers.volumes import Volume
 
 
 def image_json(image: Image) -> dict[str, Any]:
@@ -63,6 +65,7 @@ def instance_json(instance: Instance) -> dict[str, Any]:
             "ip": network.address,
             "mac": network.mac,
             "gateway": network.gateway,
+            "bandwidth": network.bandwidth.to_json(),
         },
         "created_at": record.created_at,
     }
@@ -85,4 +88,41 @@ _RECORD_FIELDS = (
     "created_at",
     "restart_policy",
     "keep_on_exit",
+    "volumes",
 )
+
+
+def volume_json(volume: Volume) -> dict[str, Any]:
+    """The contract's ``Volume``."""
+    record = volume.record
+    return {
+        "id": record.id,
+        "name": record.name,
+        "size_mb": record.size_mb,
+        "format": record.format,
+        "source": record.source.to_json(),
+        "attachments": [
+            {
+                "instance_id": use.instance_id,
+                "mount_path": use.mount_path,
+                "readonly": use.readonly,
+            }
+            for use in volume.attachments
+        ],
+        "created_at": record.created_at,
+    }
+
+
+def ingress_json(ingress: IngressRecord) -> dict[str, Any]:
+    """The contract's ``Ingress``."""
+    return {
+        "id": ingress.id,
+        "name": ingress.name,
+        "instance_id": ingress.instance_id,
+        "protocol": ingress.protocol.value,
+        "listen_address": str(ingress.listen_address) if ingress.listen_address else None,
+        "host_port": ingress.host_port,
+        "guest_address": str(ingress.target),
+        "guest_port": ingress.guest_port,
+        "created_at": ingress.created_at,
+    }

@@ -4,8 +4,10 @@ Everything a handler needs beyond the request comes from here: settings, the
 spec, the readiness phase, and the managers. Start-up order: the on-disk layout
 (``DATA_DIR`` made private), then the managers the app was given (by default
 ``bootstrap.real_managers``: the image manager, which recovers interrupted builds,
-then the instance manager, which settles what a crash left and re-adopts running
-VMMs). Slow facts (the guest kernel and initrd when they must be built, the
+the volume manager, which removes half-made volumes and finishes a cut-short resize,
+the resource manager, which reads the host's capacity and admits what instances boot,
+then the instance manager, which settles what a crash left, re-adopts running VMMs
+and claims its volumes again). Slow facts (the guest kernel and initrd when they must be built, the
 hypervisor's version and acceleration) are gathered in the background so the API
 answers at once: ``/health`` shows null for them until they are known, and a
 request that boots a guest (create, unless ``start`` is false, and start) waits for
@@ -34,14 +36,19 @@ from dataplane.events import EventLog, EventService, EventSettings, Renderers, R
 from dataplane.logsetup import InstanceLogHandler
 from dataplane.logsetup import attach as attach_log_handler
 from dataplane.logsetup import detach as detach_log_handler
-from dataplane.representations import image_json, instance_json
+from dataplane.metrics import Metrics
+from dataplane.representations import image_json, ingress_json, instance_json, volume_json
 from dataplane.settings import Settings
 from dataplane.spec import Spec
 from managers.guest import GuestArtifacts, GuestError, ensure_artifacts
 from managers.hypervisors import BackendKind, BackendSettings, HypervisorBackend, open_backend
 from managers.images import Image, ImageManager, ImageNotFound
+from managers.ingresses import IngressManager, IngressNotFound, IngressRecord
 from managers.instances import Instance, InstanceManager, InstanceNotFound
+from managers.instances.logs import LogTally
 from managers.paths import Paths
+from managers.resources import ResourceManager
+from managers.volumes import Volume, VolumeManager, VolumeNotFound
 
 log = logging.getLogger("dataplane.runtime")
 
@@ -77,6 +84,11 @@ class Runtime:
         self.hypervisor = HypervisorInfo(kind=self._default_kind())
         self.images: ImageManager | None = None
         self.instances: InstanceManager | None = None
+        self.volumes: VolumeManager | None = None
+        self.resources: ResourceManager | None = None
+        self.ingresses: IngressManager | None = None
+        self.metrics = Metrics()
+        self.log_tally = LogTally()
         self.events: EventService | None = None
         self.artifacts: GuestArtifacts | None = None
         self.artifacts_error: str | None = None
@@ -129,12 +141,46 @@ class Runtime:
         if self.events is not None:
             self.events.report(kind, image.name, image_json(image))
 
+    def report_volume(self, kind: str, volume: Volume) -> None:
+        """The volume manager's change callback."""
+        if self.events is not None:
+            self.events.report(kind, volume.id, volume_json(volume))
+
+    def report_ingress(self, kind: str, ingress: IngressRecord) -> None:
+        """The ingress manager's change callback."""
+        if self.events is not None:
+            self.events.report(kind, ingress.id, ingress_json(ingress))
+
+    def require_ingresses(self) -> IngressManager:
+        if self.ingresses is None:
+            raise ApiError(503, "unavailable", f"the ingress manager is not running ({self.phase})")
+        return self.ingresses
+
+    def require_volumes(self) -> VolumeManager:
+        if self.volumes is None:
+            raise ApiError(503, "unavailable", f"the volume manager is not running ({self.phase})")
+        return self.volumes
+
+    def require_resources(self) -> ResourceManager:
+        if self.resources is None:
+            raise ApiError(
+                503, "unavailable", f"the resource manager is not running ({self.phase})"
+            )
+        return self.resources
+
     def require_instances(self) -> InstanceManager:
         if self.instances is None:
             raise ApiError(
                 503, "unavailable", f"the instance manager is not running ({self.phase})"
             )
         return self.instances
+
+    @property
+    def guest_status(self) -> str:
+        """``preparing`` while start-up readies the kernel and initrd, then the outcome."""
+        if self.artifacts is not None:
+            return "ready"
+        return "unavailable" if self._artifacts_settled.is_set() else "preparing"
 
     async def guest_artifacts(self) -> GuestArtifacts:
         """The kernel and initrd; waits while start-up is still preparing them."""
@@ -150,7 +196,9 @@ class Runtime:
         settings = self.settings
         await anyio.to_thread.run_sync(self.paths.ensure)
         async with contextlib.AsyncExitStack() as stack:
-            instance_logs = InstanceLogHandler(self.paths, settings.log_format)
+            instance_logs = InstanceLogHandler(
+                self.paths, settings.log_format, self.log_tally, settings.log_retention_bytes
+            )
             attach_log_handler(instance_logs)
             stack.callback(detach_log_handler, instance_logs)
             events = EventService(self.paths, self._event_settings())
@@ -159,6 +207,9 @@ class Runtime:
             self.events = events
             managers = await stack.enter_async_context(self._managers(self))
             self.images, self.instances = managers.images, managers.instances
+            self.volumes = managers.volumes
+            self.resources = managers.resources
+            self.ingresses = managers.ingresses
             group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(group.cancel_scope.cancel)
             await events.start(group, self._renderers(), *await self._current_states())
@@ -201,13 +252,36 @@ class Runtime:
             except ImageNotFound:
                 return None
 
-        return Renderers(instance=instance, image=image)
+        async def volume(volume_id: str) -> dict[str, Any] | None:
+            try:
+                return volume_json(await self.require_volumes().get(volume_id))
+            except VolumeNotFound:
+                return None
 
-    async def _current_states(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Every instance's state and every image's status, for the events' reconciliation."""
+        async def ingress(ingress_id: str) -> dict[str, Any] | None:
+            try:
+                return ingress_json(await self.require_ingresses().get(ingress_id))
+            except IngressNotFound:
+                return None
+
+        return Renderers(instance=instance, image=image, volume=volume, ingress=ingress)
+
+    async def _current_states(
+        self,
+    ) -> tuple[dict[str, str], dict[str, str], frozenset[str] | None, frozenset[str] | None]:
+        """Every instance's state, every image's status, every volume's and ingress's id, for
+        the events' reconciliation (None for a manager the node runs without)."""
         instances = {i.id: str(i.state) for i in await self.require_instances().list() if i.record}
         images = {i.name: str(i.status) for i in await self.require_images().list()}
-        return instances, images
+        volumes = (
+            frozenset(v.id for v in await self.volumes.list()) if self.volumes is not None else None
+        )
+        ingresses = (
+            frozenset(i.id for i in await self.ingresses.list())
+            if self.ingresses is not None
+            else None
+        )
+        return instances, images, volumes, ingresses
 
     async def _prepare_guest(self) -> None:
         try:
@@ -216,7 +290,9 @@ class Runtime:
                 kernel_path=self.settings.kernel_path,
                 initrd_path=self.settings.initrd_path,
             )
-        except GuestError as error:
+        except (GuestError, OSError) as error:
+            # A full disk, say: instances cannot boot until it is fixed and the service
+            # restarted, but everything else keeps serving.
             self.artifacts_error = f"the guest kernel and initrd are not available: {error}"
             log.error("%s", self.artifacts_error)
             return

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
+from dataplane.tls import TlsFileError, TlsFiles, build_context
 from managers.hypervisors.types import MemoryRestoreMode
 from managers.network.errors import NetworkConfigError
 from managers.network.types import NetworkSettings
+from managers.resources import Ratios
 
 HypervisorChoice = Literal["auto", "cloud-hypervisor", "qemu"]
 LogFormat = Literal["json", "console"]
@@ -71,8 +73,10 @@ class Settings:
     webhook_secret: str | None = None
     webhook_max_age_seconds: int = 24 * 3600
     event_retention_bytes: int = 256 << 20
+    log_retention_bytes: int = 64 << 20
     event_retention_seconds: int = 7 * 24 * 3600
     cache_seconds: int | None = None
+    image_max_unpacked_bytes: int = 64 << 30
     max_concurrent_builds: int = 2
     log_format: LogFormat = "console"
     log_level: str = "info"
@@ -82,6 +86,11 @@ class Settings:
     insecure_registries: frozenset[str] = frozenset()
     sse_keepalive_seconds: int = 15
     memory_restore_mode: MemoryRestoreMode = MemoryRestoreMode.COPY
+    cpu_oversub_ratio: float = 4.0
+    memory_oversub_ratio: float = 1.0
+    disk_oversub_ratio: float = 1.0
+    metrics_public: bool = False
+    tls: TlsFiles | None = None
 
     @property
     def network(self) -> NetworkSettings:
@@ -93,6 +102,10 @@ class Settings:
             nat=self.network_nat,
             isolation=self.network_isolation,
         )
+
+    @property
+    def oversubscription(self) -> Ratios:
+        return Ratios(self.cpu_oversub_ratio, self.memory_oversub_ratio, self.disk_oversub_ratio)
 
     @property
     def auth_enabled(self) -> bool:
@@ -133,6 +146,9 @@ class Settings:
             webhook_max_age_seconds=env.integer(
                 "WEBHOOK_MAX_AGE", cls.webhook_max_age_seconds, low=60, high=30 * 24 * 3600
             ),
+            log_retention_bytes=env.integer(
+                "LOG_RETENTION_BYTES", cls.log_retention_bytes, low=1 << 20, high=1 << 40
+            ),
             event_retention_bytes=env.integer(
                 "EVENT_RETENTION_BYTES", cls.event_retention_bytes, low=1 << 20, high=1 << 40
             ),
@@ -143,6 +159,9 @@ class Settings:
                 high=10 * 365 * 86400,
             ),
             cache_seconds=env.optional_integer("CACHE_SECONDS", low=0),
+            image_max_unpacked_bytes=env.integer(
+                "IMAGE_MAX_UNPACKED_BYTES", cls.image_max_unpacked_bytes, low=1 << 20, high=1 << 50
+            ),
             max_concurrent_builds=env.integer(
                 "MAX_CONCURRENT_BUILDS", cls.max_concurrent_builds, low=1, high=64
             ),
@@ -158,6 +177,11 @@ class Settings:
             memory_restore_mode=MemoryRestoreMode(
                 env.choice("MEMORY_RESTORE_MODE", _RESTORE_MODES, cls.memory_restore_mode.value)
             ),
+            cpu_oversub_ratio=env.ratio("CPU_OVERSUB_RATIO", cls.cpu_oversub_ratio),
+            memory_oversub_ratio=env.ratio("MEMORY_OVERSUB_RATIO", cls.memory_oversub_ratio),
+            disk_oversub_ratio=env.ratio("DISK_OVERSUB_RATIO", cls.disk_oversub_ratio),
+            metrics_public=env.boolean("METRICS_PUBLIC", cls.metrics_public),
+            tls=env.tls_files(),
         )
         if settings.webhook_endpoints and settings.webhook_secret is None:
             raise SettingsError.from_message(
@@ -213,6 +237,46 @@ class _Env:
             raise SettingsError(name, bounds, raw) from None
         if value < low or (high is not None and value > high):
             raise SettingsError(name, bounds, raw)
+        return value
+
+    def tls_files(self) -> TlsFiles | None:
+        """TLS_CERT_FILE and TLS_KEY_FILE together (and TLS_CLIENT_CA_FILE with them), each
+        loaded once here so a bad one stops start-up naming itself."""
+        cert = self.existing_file("TLS_CERT_FILE")
+        key = self.existing_file("TLS_KEY_FILE")
+        client_ca = self.existing_file("TLS_CLIENT_CA_FILE")
+        if cert is None and key is None:
+            if client_ca is not None:
+                raise SettingsError.from_message(
+                    "TLS_CLIENT_CA_FILE",
+                    "TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE: "
+                    "client certificates are asked for only over HTTPS",
+                )
+            return None
+        if cert is None or key is None:
+            missing = "TLS_KEY_FILE" if cert is not None else "TLS_CERT_FILE"
+            raise SettingsError.from_message(
+                missing, f"{missing} must be set too: HTTPS needs a certificate and its key"
+            )
+        files = TlsFiles(cert=cert, key=key, client_ca=client_ca)
+        try:
+            build_context(files)
+        except TlsFileError as error:
+            raise SettingsError.from_message(error.variable, str(error)) from None
+        return files
+
+    def ratio(self, name: str, default: float) -> float:
+        """A positive number of at most 1000 (an oversubscription ratio)."""
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        requirement = "a number above 0 and at most 1000"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, requirement, raw) from None
+        if not 0 < value <= 1000:  # also refuses nan
+            raise SettingsError(name, requirement, raw)
         return value
 
     def boolean(self, name: str, default: bool) -> bool:

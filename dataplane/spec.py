@@ -122,6 +122,11 @@ class Spec:
         operation = route.operations.get(method)
         return Match(operation, params) if operation is not None else None
 
+    def template_of(self, raw_path: str) -> str | None:
+        """The spec's path template a raw path falls under (``/instances/{id}``), or None."""
+        found = self._route(raw_path)
+        return found[0].template if found is not None else None
+
     def allowed_methods(self, raw_path: str) -> list[str] | None:
         """The methods the spec has for this path, or None for a path it does not know."""
         found = self._route(raw_path)

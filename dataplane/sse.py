@@ -11,6 +11,9 @@ import re
 
 KEEPALIVE = b": keep-alive\n\n"
 KEEPALIVE_SECONDS = 15.0
+#: How long an EventSource waits before it reconnects, sent first on every stream.
+RETRY_MS = 2000
+RETRY = f"retry: {RETRY_MS}\n\n".encode()
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _BREAKS = re.compile(r"\r\n|\r|\n")

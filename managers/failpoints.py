@@ -8,7 +8,8 @@ lookup and a string comparison. The suites start the dataplane with each name in
 :data:`STEPS` once and check what restart makes of it:
 ``tests/integration/test_fault_injection.py`` the instance steps,
 ``tests/integration/test_images_recovery.py`` the ``image.*`` ones,
-``tests/integration/test_events.py`` the ``events.*`` ones.
+``tests/integration/test_events.py`` the ``events.*`` ones,
+``tests/integration/test_ingress_forwarding.py`` the ``ingress.*`` ones.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ STEPS: frozenset[str] = frozenset(
         # (2xx) before its endpoint's cursor moved
         "events.reported",
         "events.delivered",
+        # volumes: a create's disk made but not yet committed, committed but not yet
+        # answered; a resize recorded but its file not yet grown
+        "volume.formatted",
+        "volume.committed",
+        "volume.resizing",
+        # instances: a volume attach recorded, its disk in the VMM but not yet mounted;
+        # a detach recorded, the guest's mount gone but the disk still in the VMM
+        "attach.recorded",
+        "attach.plugged",
+        "detach.recorded",
+        "detach.unmounted",
+        # instances: new bandwidth limits recorded, not yet on the TAP
+        "bandwidth.recorded",
+        # ingresses: a create recorded, its rule not yet in the table; a delete recorded
+        # (the record gone), its rule still in the table
+        "ingress.recorded",
+        "ingress.removed",
         # images
         "image.pulled",
         "image.unpacked",

@@ -20,7 +20,14 @@ Layout::
                               app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
     instances/.deleting-<id>-<hex>/
                               an instance folder a delete is removing
-    volumes/<id>/             metadata.json, data.raw (named here; nothing uses them yet)
+    volumes/<id>/             metadata.json, data.raw (sparse ext4)
+    volumes/.creating-<id>/, .staging-<id>-<hex>/, .deleting-<id>-<hex>/
+                              a volume being built, a tree being unpacked for one, a volume a
+                              delete is removing (all removed at start-up)
+    ingresses/<id>/           metadata.json: one host port forwarded to an instance's port
+    ingresses/.creating-<id>/, .deleting-<id>-<hex>/
+                              an ingress being recorded, one a delete is removing (both
+                              removed at start-up)
     quarantine/<kind>/<name>-<UTC time>/
                               a folder whose record could not be read, moved here whole
                               (disks included) with a QUARANTINE.json saying why; only an
@@ -193,13 +200,24 @@ class Paths:
     def volume_data(self, volume_id: str) -> Path:
         return self.volume_dir(volume_id) / "data.raw"
 
+    # -- ingresses -----------------------------------------------------------
+    @property
+    def ingresses(self) -> Path:
+        return self.root / "ingresses"
+
+    def ingress_dir(self, ingress_id: str) -> Path:
+        return self.ingresses / ingress_id
+
+    def ingress_metadata(self, ingress_id: str) -> Path:
+        return self.ingress_dir(ingress_id) / "metadata.json"
+
     # -- quarantine ----------------------------------------------------------
     @property
     def quarantine(self) -> Path:
         return self.root / "quarantine"
 
     def quarantine_kind(self, kind: str) -> Path:
-        """Where folders of one kind (``instances``, ``images``) are moved when unreadable."""
+        """Where folders of one kind (``instances``, ``images``, ``volumes``) go when unreadable."""
         return self.quarantine / kind
 
     def ensure(self) -> None:

@@ -16,10 +16,11 @@ DATA_DIR=${DATA_DIR:-/var/lib/dataplane}
 #   iproute2 nftables bridge/TAP/NAT tooling (tests create namespaces with `ip netns`)
 #   gcc libc6-dev     the guest's static init helper
 #   python3-venv curl procps
+#   systemd util-linux  `systemd-analyze verify` of the unit; setpriv runs tests with its capabilities
 PACKAGES=(
   qemu-system-x86 umoci skopeo erofs-utils e2fsprogs docker-registry
   busybox-static cpio kmod lz4 zstd binutils iproute2 nftables
-  gcc libc6-dev python3 python3-venv curl procps
+  gcc libc6-dev python3 python3-venv curl procps systemd util-linux
 )
 
 # The guest kernel comes from `apt-get download`, which needs the package lists.

@@ -20,8 +20,6 @@ from dataplane.runtime import Runtime
 
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
-# What a reconnecting EventSource waits before trying again.
-RETRY_MS = 2000
 _BATCH = 256
 
 
@@ -118,7 +116,7 @@ class EventsController(Controller):
         keepalive = runtime.sse_keepalive_seconds
 
         async def stream() -> AsyncIterator[bytes]:
-            yield f"retry: {RETRY_MS}\n\n".encode()
+            yield sse.RETRY
             position = start
             first = events.first_seq
             if position < first:

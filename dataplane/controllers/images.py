@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import unquote
 
 import anyio
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
@@ -69,7 +69,9 @@ class ImagesController(Controller):
         body = ImageRequest.from_json(data)
         return image_json(await _images(runtime).request(body.name, body.format))
 
-    @post("/import", status_code=202)
+    # The archive streams to disk as it arrives; the image manager bounds it (its size, and
+    # the room on the disk: 507 when there is none).
+    @post("/import", status_code=202, request_max_body_size=None)
     async def import_archive(
         self,
         request: Request[Any, Any, Any],
@@ -94,22 +96,36 @@ class ImagesController(Controller):
         await _images(runtime).delete(unquote(name))
 
     @get("/{name:str}/events")
-    async def events(self, runtime: NamedDependency[Runtime], name: FromPath[str]) -> Stream:
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        runtime: NamedDependency[Runtime],
+        name: FromPath[str],
+    ) -> Response[Any]:
         images = _images(runtime)
         key = unquote(name)
         first = await images.get(key)  # an unknown image is a 404, not an empty stream
         keepalive = runtime.sse_keepalive_seconds
+        if first.status.terminal and request.headers.get("last-event-id") == str(first.status):
+            # The client saw the end already: 204 is what makes an EventSource stop.
+            return Response(content=b"", status_code=204)
 
         async def stream() -> AsyncIterator[bytes]:
+            yield sse.RETRY
             image = first
             sent = None
+            count = 0
             quiet_since = time.monotonic()
             while True:
                 body = json.dumps(image_json(image))
                 if body != sent:
                     sent = body
                     quiet_since = time.monotonic()
-                    yield sse.event(body, name="image")
+                    count += 1
+                    # The last event's id is the final status, which a reconnect sends back.
+                    status = str(image.status)
+                    event_id = status if image.status.terminal else f"{status}.{count}"
+                    yield sse.event(body, name="image", event_id=event_id)
                     if image.status.terminal:
                         return
                 elif time.monotonic() - quiet_since >= keepalive:

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
@@ -22,8 +22,10 @@ from managers.instances import (
     InstanceManager,
     InstanceNotFound,
     InstanceState,
+    InvalidInstanceSpec,
 )
 from managers.instances.logs import LogLine
+from managers.network import Bandwidth, NetworkConfigError
 
 
 def _manager(runtime: Runtime) -> InstanceManager:
@@ -40,7 +42,9 @@ class InstancesController(Controller):
         # Parsed on its own (not trusting the contract check, which can be off); absent
         # fields keep the defaults CreateRequest defines (the one place they are written).
         request = CreateRequest.from_json(data)
-        return instance_json(await _manager(runtime).create(request))
+        with runtime.metrics.operation("create"):
+            created = await _manager(runtime).create(request)
+        return instance_json(created)
 
     @get("/")
     async def list_instances(
@@ -65,6 +69,13 @@ class InstancesController(Controller):
     ) -> dict[str, Any]:
         return instance_json(await _manager(runtime).get(instance_id))
 
+    @patch("/{instance_id:str}")
+    async def update_instance(
+        self, runtime: NamedDependency[Runtime], instance_id: FromPath[str], data: JSONBody[Any]
+    ) -> dict[str, Any]:
+        limits = _bandwidth_patch(data)
+        return instance_json(await _manager(runtime).set_bandwidth(instance_id, limits))
+
     @delete("/{instance_id:str}", status_code=204)
     async def delete_instance(
         self, runtime: NamedDependency[Runtime], instance_id: FromPath[str]
@@ -88,7 +99,9 @@ class InstancesController(Controller):
         handler = actions.get(action)
         if handler is None:
             raise ApiError(404, "not_found", f"no action {action!r}")
-        return instance_json(await handler(instance_id))
+        with runtime.metrics.operation(action):
+            done = await handler(instance_id)
+        return instance_json(done)
 
     @get("/{instance_id:str}/logs")
     async def logs(
@@ -99,28 +112,49 @@ class InstancesController(Controller):
         source: Annotated[str, QueryParameter(name="source")] = "app",
         tail: Annotated[int | None, QueryParameter(name="tail")] = None,
         follow: Annotated[bool, QueryParameter(name="follow")] = False,
+        log_format: Annotated[str, QueryParameter(name="format")] = "sse",
     ) -> Response[Any]:
+        if log_format not in ("sse", "text"):
+            raise ApiError(400, "invalid_request", "format must be sse or text")
         manager = _manager(runtime)
         last_event = request.headers.get("last-event-id")
         after = int(last_event) if last_event is not None and last_event.isdigit() else None
         # Resolve the instance and read the first lines now, so an unknown id is a
         # plain 404 rather than a stream that ends at once.
-        first, position = await manager.read_log(instance_id, source, after=after, tail=tail)
+        first = await manager.read_log(instance_id, source, after=after, tail=tail)
         log_file = await manager.log_for(instance_id, source)
         keepalive = runtime.sse_keepalive_seconds
+        text = log_format == "text"
+        if (
+            follow
+            and after is not None
+            and not first.lines
+            and await manager.finished(instance_id) is not None
+        ):
+            # A reconnect after the end event: nothing more will come, and 204 is what makes
+            # an EventSource stop reconnecting.
+            return Response(content=b"", status_code=204)
+
+        def render(line: LogLine) -> bytes:
+            return line.text.rstrip(b"\r") + b"\n" if text else _log_event(line)
 
         async def stream() -> AsyncIterator[bytes]:
-            for line in first:
-                yield _log_event(line)
+            if not text:
+                yield sse.RETRY
+                if first.dropped:
+                    gap = {"dropped_bytes": first.dropped, "resumed_at": first.resumed_at}
+                    yield sse.event(json.dumps(gap), name="gap")
+            for line in first.lines:
+                yield render(line)
             if not follow:
                 return
-            sent = position
+            sent = first.position
             idle_since = time.monotonic()
-            async for batch in log_file.follow(position):
+            async for batch in log_file.follow(first.position):
                 if batch:
                     idle_since = time.monotonic()
                     for line in batch:
-                        yield _log_event(line)
+                        yield render(line)
                     sent = batch[-1].offset
                     continue
                 try:
@@ -129,15 +163,18 @@ class InstancesController(Controller):
                     return  # deleted: nothing more will ever be written
                 if done is not None:
                     # Whatever the pump copied last (a final line without its newline too).
-                    rest, _ = await manager.read_log(instance_id, source, after=sent, tail=None)
-                    for line in rest:
-                        yield _log_event(line)
-                    yield sse.event(json.dumps(_end(done)), name="end")
+                    rest = await manager.read_log(instance_id, source, after=sent, tail=None)
+                    for line in rest.lines:
+                        yield render(line)
+                    if not text:
+                        yield sse.event(json.dumps(_end(done)), name="end")
                     return
-                if time.monotonic() - idle_since >= keepalive:
+                if not text and time.monotonic() - idle_since >= keepalive:
                     idle_since = time.monotonic()
                     yield sse.KEEPALIVE
 
+        if text:
+            return Stream(stream(), media_type="text/plain", headers={"Cache-Control": "no-cache"})
         return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)
 
 
@@ -153,3 +190,15 @@ def _end(instance: Instance) -> dict[str, Any]:
 def _log_event(line: LogLine) -> bytes:
     text = line.text.decode("utf-8", "replace").rstrip("\r")
     return sse.event(text, name="log", event_id=line.offset)
+
+
+def _bandwidth_patch(data: object) -> Bandwidth:
+    """``{"network": {"bandwidth": {...}}}``, the one change ``PATCH`` makes, parsed on its own
+    (the contract check may be off)."""
+    network = data.get("network") if isinstance(data, dict) and set(data) == {"network"} else None
+    if not isinstance(network, dict) or set(network) != {"bandwidth"}:
+        raise InvalidInstanceSpec('the body must be {"network": {"bandwidth": {...}}}')
+    try:
+        return Bandwidth.from_json(network["bandwidth"])
+    except NetworkConfigError as error:
+        raise InvalidInstanceSpec(error.message) from error

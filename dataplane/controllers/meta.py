@@ -25,6 +25,7 @@ class MetaController(Controller):
                 "version": hypervisor.version,
                 "acceleration": hypervisor.acceleration,
             },
+            "guest": {"status": runtime.guest_status, "error": runtime.artifacts_error},
         }
 
     @get(["/livez", "/healthz"], sync_to_thread=False)

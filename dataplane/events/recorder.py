@@ -66,6 +66,16 @@ class Renderers:
 
     instance: Render
     image: Render
+    volume: Render | None = None
+    ingress: Render | None = None
+
+    def of(self, kind: ResourceKind) -> Render | None:
+        return {
+            ResourceKind.INSTANCE: self.instance,
+            ResourceKind.IMAGE: self.image,
+            ResourceKind.VOLUME: self.volume,
+            ResourceKind.INGRESS: self.ingress,
+        }[kind]
 
 
 class EventRecorder:
@@ -102,10 +112,8 @@ class EventRecorder:
     ) -> Event:
         key = f"{kind.kind}:{resource_id}"
         if data is None:
-            render = (
-                self.render.instance if kind.kind is ResourceKind.INSTANCE else self.render.image
-            )
-            data = await render(resource_id)
+            render = self.render.of(kind.kind)
+            data = await render(resource_id) if render is not None else None
         if data is None:
             data = self._last_data.get(key) or {"id": resource_id}
         self._last_data[key] = data
@@ -119,9 +127,16 @@ class EventRecorder:
         self.events.notify()
         return event
 
-    async def reconcile(self, instances: dict[str, str], images: dict[str, str]) -> int:
+    async def reconcile(
+        self,
+        instances: dict[str, str],
+        images: dict[str, str],
+        volumes: frozenset[str] | None = None,
+        ingresses: frozenset[str] | None = None,
+    ) -> int:
         """Write what the log misses: ``instances`` maps id -> state, ``images`` name -> status
-        (``ready`` | ``failed`` | other). Returns how many events were written."""
+        (``ready`` | ``failed`` | other), ``volumes`` and ``ingresses`` hold their ids (None:
+        not reconciled). Returns how many events were written."""
         written = 0
         for instance_id, state in instances.items():
             last = self.events.last_types.get(f"instance:{instance_id}")
@@ -135,17 +150,24 @@ class EventRecorder:
             if event is not None and last != event:
                 await self.record(event, name)
                 written += 1
+        created = ((volumes, EventType.VOLUME_CREATED), (ingresses, EventType.INGRESS_CREATED))
+        for ids, creation in created:
+            for resource_id in sorted(ids or ()):
+                if f"{creation.kind}:{resource_id}" not in self.events.last_types:
+                    await self.record(creation, resource_id)
+                    written += 1
+        removals = {
+            "instance": (instances, EventType.INSTANCE_DELETED),
+            "image": (images, EventType.IMAGE_DELETED),
+            "volume": (volumes, EventType.VOLUME_DELETED),
+            "ingress": (ingresses, EventType.INGRESS_DELETED),
+        }
         for key, last in list(self.events.last_types.items()):
             kind, _, resource_id = key.partition(":")
-            if EventType(last).removes:
+            if EventType(last).removes or kind not in removals:
                 continue
-            gone = (kind == "instance" and resource_id not in instances) or (
-                kind == "image" and resource_id not in images
-            )
-            if gone:
-                removal = (
-                    EventType.INSTANCE_DELETED if kind == "instance" else EventType.IMAGE_DELETED
-                )
+            present, removal = removals[kind]
+            if present is not None and resource_id not in present:
                 await self.record(removal, resource_id)
                 written += 1
         if written:

@@ -57,10 +57,12 @@ class EventService:
         render: Renderers,
         instances: dict[str, str],
         images: dict[str, str],
+        volumes: frozenset[str] | None = None,
+        ingresses: frozenset[str] | None = None,
     ) -> None:
         """Reconcile the log with the records, then record and deliver in ``tasks``."""
         recorder = EventRecorder(self.log, self.settings.node_id, render)
-        await recorder.reconcile(instances, images)
+        await recorder.reconcile(instances, images, volumes, ingresses)
         self.recorder = recorder
         for kind, resource_id, data in self._pending:
             recorder.report(kind, resource_id, data)

@@ -10,11 +10,18 @@ from typing import Any
 class ResourceKind(enum.StrEnum):
     INSTANCE = "instance"
     IMAGE = "image"
+    VOLUME = "volume"
+    INGRESS = "ingress"
 
     @property
     def id_field(self) -> str:
         """How the envelope names the resource (seed 000's ``instance_id``; images by name)."""
-        return "instance_id" if self is ResourceKind.INSTANCE else "image"
+        return {
+            "instance": "instance_id",
+            "image": "image",
+            "volume": "volume_id",
+            "ingress": "ingress_id",
+        }[self.value]
 
 
 class EventType(enum.StrEnum):
@@ -32,6 +39,13 @@ class EventType(enum.StrEnum):
     INSTANCE_RESTORED = "instance.restored"
     INSTANCE_DELETED = "instance.deleted"
     INSTANCE_FAILED = "instance.failed"
+    VOLUME_CREATED = "volume.created"
+    VOLUME_RESIZED = "volume.resized"
+    VOLUME_ATTACHED = "volume.attached"
+    VOLUME_DETACHED = "volume.detached"
+    VOLUME_DELETED = "volume.deleted"
+    INGRESS_CREATED = "ingress.created"
+    INGRESS_DELETED = "ingress.deleted"
 
     @property
     def kind(self) -> ResourceKind:
@@ -39,7 +53,12 @@ class EventType(enum.StrEnum):
 
     @property
     def removes(self) -> bool:
-        return self in (EventType.IMAGE_DELETED, EventType.INSTANCE_DELETED)
+        return self in (
+            EventType.IMAGE_DELETED,
+            EventType.INSTANCE_DELETED,
+            EventType.VOLUME_DELETED,
+            EventType.INGRESS_DELETED,
+        )
 
 
 @dataclass(frozen=True, slots=True)

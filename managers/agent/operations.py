@@ -253,6 +253,41 @@ async def set_time(channel: Channel, realtime_ns: int) -> None:
             raise _unexpected(frame, "SET_TIME")
 
 
+async def mount(channel: Channel, device: str, path: str, *, readonly: bool) -> None:
+    """Mount the disk whose virtio serial is ``device`` at ``path`` (made if missing).
+
+    The agent waits (bounded) for a disk that was just hot-plugged to appear; a disk already
+    mounted there is success, so a retry after a lost answer is harmless.
+    """
+    payload = p.records(
+        [
+            p.text(Tag.DEVICE, device),
+            p.text(Tag.PATH, path),
+            p.record(Tag.READONLY, b"\x01" if readonly else b"\x00"),
+        ]
+    )
+    await _done(channel, Msg.MOUNT, payload, path)
+
+
+async def umount(channel: Channel, device: str, path: str) -> None:
+    """Sync and unmount the disk ``device`` from ``path``; nothing mounted there is success.
+
+    Files held open there make it fail with ``EBUSY`` and leave the mount as it was.
+    """
+    payload = p.records([p.text(Tag.DEVICE, device), p.text(Tag.PATH, path)])
+    await _done(channel, Msg.UMOUNT, payload, path)
+
+
+async def _done(channel: Channel, kind: Msg, payload: bytes, path: str) -> None:
+    async with channel.session() as session:
+        await session.send(kind, payload)
+        frame = await _answer(session, kind.name)
+        if frame.type is Msg.ERROR:
+            raise _error(frame, path)
+        if frame.type is not Msg.DONE:
+            raise _unexpected(frame, kind.name)
+
+
 async def write_file(channel: Channel, path: str, mode: int, chunks: AsyncIterable[bytes]) -> int:
     """Stream ``chunks`` into ``path`` (replaced whole, atomically); returns the size written."""
     written = 0

@@ -42,6 +42,8 @@ class Msg(enum.IntEnum):
     SET_TIME = 0x0A
     CLOSE = 0x0B
     PING = 0x0C
+    MOUNT = 0x0D
+    UMOUNT = 0x0E
     HELLO_OK = 0x81
     STARTED = 0x82
     DATA_OUT = 0x83
@@ -75,6 +77,8 @@ class Tag(enum.IntEnum):
     CREDIT = 18
     ERRNO = 19
     MESSAGE = 20
+    DEVICE = 21
+    READONLY = 22
 
 
 # Frames whose payload is raw bytes rather than records.

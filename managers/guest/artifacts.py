@@ -108,8 +108,13 @@ async def _override_kernel(
     if not vmlinux.is_file():
         vmlinux.parent.mkdir(parents=True, exist_ok=True)
         partial = vmlinux.with_suffix(".partial")
-        await extract_vmlinux(kernel, partial)
-        partial.replace(vmlinux)
+        try:
+            await extract_vmlinux(kernel, partial)
+            partial.replace(vmlinux)
+        except BaseException:
+            # A disk that filled up must not stay full of half a kernel.
+            partial.unlink(missing_ok=True)
+            raise
         actions.append(f"vmlinux extracted from KERNEL_PATH {kernel} into {vmlinux}")
     actions.append(f"kernel from KERNEL_PATH {kernel}: {release}")
     return vmlinux, kernel

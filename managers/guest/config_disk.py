@@ -8,6 +8,11 @@ The disk is a raw image with no filesystem (nothing to mount, nothing to format)
     offset 16  payload   records: u8 tag, u32 LE length, value bytes
     padding with zeros to a multiple of 4096 bytes (block devices come in whole sectors)
 
+The file is always :data:`CONFIG_DISK_BYTES` long (sparse beyond the payload) and is rewritten
+in place, never replaced: a VMM holds the file open and fixed its size when it opened it, so a
+change made while it runs (a volume attached) is what the guest reads at its next boot, and it
+always fits.
+
 Records, in order: ARG (1, one per argv item), ENV (2, ``NAME=value``), WORKDIR (3), USER (4),
 HOSTNAME (5), NET_ADDRESS (6: 4 address bytes + prefix length), NET_GATEWAY (7: 4 bytes),
 NET_DNS (8, text), NET_MAC (9: 6 bytes), VOLUME (10: u8 readonly, u16 LE source length, source,
@@ -19,6 +24,7 @@ byte they cannot hold is NUL, which ``execve`` cannot pass either.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import struct
 import zlib
@@ -26,13 +32,13 @@ from pathlib import Path
 
 import anyio
 
-from ..atomic import write_atomic
 from .errors import InvalidGuestConfig
 from .types import GuestConfig, NetworkConfig
 
 MAGIC = b"DPGCFG01"
 BLOCK = 4096
 MAX_PAYLOAD = 16 << 20
+CONFIG_DISK_BYTES = MAX_PAYLOAD + BLOCK
 # virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES).
 MAX_SERIAL = 20
 
@@ -152,10 +158,24 @@ def encode_config(config: GuestConfig) -> bytes:
 
 
 async def write_config_disk(path: Path, config: GuestConfig) -> None:
-    """Write the config disk for ``config`` to ``path`` atomically.
+    """Write the config disk for ``config`` to ``path`` in place (see the module's docstring).
 
     Raises :class:`InvalidGuestConfig` before touching the disk when ``config`` cannot be
-    delivered byte-exact.
+    delivered byte-exact. A write cut short leaves a payload whose CRC fails, which the init
+    refuses; the instance manager writes the disk again whenever that can have happened.
     """
     data = encode_config(config)
-    await anyio.to_thread.run_sync(write_atomic, path, data)
+    await anyio.to_thread.run_sync(_write_in_place, path, data)
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, len(data) - len(view))
+            view = view[written:]
+        os.ftruncate(fd, CONFIG_DISK_BYTES)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -62,9 +62,17 @@ class Vmm(Protocol):
         resumes or stops it."""
         ...
 
-    async def add_disk(self, disk: DiskSpec) -> None: ...
+    async def add_disk(self, disk: DiskSpec) -> None:
+        """Hot-plug ``disk`` into the running (or paused) VM."""
+        ...
 
-    async def remove_disk(self, disk_id: str) -> None: ...
+    async def remove_disk(self, disk_id: str) -> None:
+        """Hot-unplug the disk ``disk_id``; the guest must let go of it (QEMU waits for it)."""
+        ...
+
+    async def disk_ids(self) -> set[str]:
+        """The ids of the disks the VM has now, as the VMM itself says."""
+        ...
 
     async def resize_memory(self, memory_mb: int) -> None:
         """Grow guest memory to ``memory_mb`` (up to the spec's ``memory_max_mb``)."""

@@ -320,11 +320,14 @@ class ChVmm:
             raise VmmProtocolError(self.instance_id, f"vm.add-disk answered {answer!r:.200}")
 
     async def remove_disk(self, disk_id: str) -> None:
-        info = await self.api().get("vm.info")
-        disks = (info.get("config") or {}).get("disks") or [] if isinstance(info, dict) else []
-        if disk_id not in {disk.get("id") for disk in disks if isinstance(disk, dict)}:
+        if disk_id not in await self.disk_ids():
             raise InvalidRequest(self.instance_id, f"no disk with id {disk_id!r}")
         await self.api().put("vm.remove-device", {"id": disk_id})
+
+    async def disk_ids(self) -> set[str]:
+        info = await self.api().get("vm.info")
+        disks = (info.get("config") or {}).get("disks") or [] if isinstance(info, dict) else []
+        return {disk["id"] for disk in disks if isinstance(disk, dict) and "id" in disk}
 
     async def resize_memory(self, memory_mb: int) -> None:
         try:

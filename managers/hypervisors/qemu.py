@@ -344,6 +344,13 @@ class QemuVmm:
             slot = layout.free_slot()
         except LookupError as exc:
             raise InvalidRequest(self.instance_id, "no free PCI slot for another disk") from exc
+        # Recorded first: a dataplane killed after device_add must still know the disk's slot,
+        # or a restore would build a QEMU without it. A disk recorded but never added is found
+        # by disk_ids(), which asks QEMU.
+        before = (dict(layout.slots), layout.spec)
+        layout.slots[disk.id] = slot
+        layout.spec = _with_disks(layout.spec, (*layout.spec.disks, disk))
+        self._write_record()
         added: list[str] = []
         try:
             for node in blockdev_args(disk):
@@ -355,10 +362,9 @@ class QemuVmm:
                 for node_name in reversed(added):
                     with contextlib.suppress(HypervisorError):
                         await self._exec("blockdev-del", {"node-name": node_name})
+                layout.slots, layout.spec = before
+                self._write_record()
             raise
-        layout.slots[disk.id] = slot
-        layout.spec = _with_disks(layout.spec, (*layout.spec.disks, disk))
-        self._write_record()
 
     async def remove_disk(self, disk_id: str) -> None:
         layout = self._layout()
@@ -367,17 +373,33 @@ class QemuVmm:
         # The guest must acknowledge an ACPI eject; a paused guest cannot.
         await self._require(VmState.RUNNING, "remove a disk from")
         qmp = self._client()
-        await self._exec("device_del", {"id": disk_id})
-        await self._call(
-            qmp.wait_event("DEVICE_DELETED", lambda d: d.get("device") == disk_id, _UNPLUG_TIMEOUT)
-        )
-        await self._exec("blockdev-del", {"node-name": disk_id})
-        await self._exec("blockdev-del", {"node-name": f"f-{disk_id}"})
+        if disk_id in await self.disk_ids():
+            qmp.forget_events("DEVICE_DELETED")
+            await self._exec("device_del", {"id": disk_id})
+            await self._call(
+                qmp.wait_event(
+                    "DEVICE_DELETED", lambda d: d.get("device") == disk_id, _UNPLUG_TIMEOUT
+                )
+            )
+        # The block nodes may be there without the device (a crash between the two adds).
+        nodes = await self._exec("query-named-block-nodes", {"flat": True})
+        names = {n.get("node-name") for n in nodes} if isinstance(nodes, list) else set()
+        for node_name in (disk_id, f"f-{disk_id}"):
+            if node_name in names:
+                await self._exec("blockdev-del", {"node-name": node_name})
         layout.slots.pop(disk_id, None)
         layout.spec = _with_disks(
             layout.spec, tuple(d for d in layout.spec.disks if d.id != disk_id)
         )
         self._write_record()
+
+    async def disk_ids(self) -> set[str]:
+        """The disks QEMU has as devices now (``/machine/peripheral`` holds every device id)."""
+        layout = self._layout()
+        found = await self._exec("qom-list", {"path": "/machine/peripheral"})
+        entries = found if isinstance(found, list) else []
+        devices = {entry.get("name") for entry in entries if isinstance(entry, dict)}
+        return {disk.id for disk in layout.spec.disks if disk.id in devices}
 
     async def resize_memory(self, memory_mb: int) -> None:
         layout = self._layout()

@@ -26,6 +26,7 @@ from .reference import Reference, parse_reference
 from .types import (
     DISK_FORMATS,
     PROGRESS_INTERVAL,
+    BuildObserver,
     DiskFormat,
     Image,
     ImageConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "DISK_FORMATS",
     "PROGRESS_INTERVAL",
     "BuildFailed",
+    "BuildObserver",
     "DigestMismatch",
     "DiskFormat",
     "FormatConflict",

@@ -59,6 +59,11 @@ def ingest_archive(archive: Path, layout: OciLayout, staging: Path) -> ImportedI
     staging.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     links: dict[str, str] = {}
+    # What may be staged: what the archive holds. A blob is stored whole in an OCI archive, so
+    # a member that would write more (a sparse entry, a compressed archive's bomb) is refused
+    # before it is written. A compressed archive of an OCI layout shrinks little (its layers
+    # are compressed already), so eight times its size is room enough.
+    allowance = _staging_allowance(archive)
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             for member in tar:
@@ -70,6 +75,17 @@ def ingest_archive(archive: Path, layout: OciLayout, staging: Path) -> ImportedI
                     continue
                 if not member.isreg():
                     raise InvalidArchive(f"archive member {member.name!r} is not a regular file")
+                if member.issparse():
+                    raise InvalidArchive(
+                        f"archive member {member.name!r} is sparse; an OCI archive stores "
+                        "its blobs whole"
+                    )
+                allowance -= member.size
+                if allowance < 0:
+                    raise InvalidArchive(
+                        f"archive member {member.name!r} would stage more bytes than the "
+                        "whole archive holds"
+                    )
                 source = tar.extractfile(member)
                 assert source is not None
                 staged = staging / hashlib.sha256(rel.encode()).hexdigest()
@@ -151,6 +167,18 @@ def ingest_archive(archive: Path, layout: OciLayout, staging: Path) -> ImportedI
             os.replace(blob(item), target)
     raw_name = annotations.get(_NAME_ANNOTATION) or annotations.get(REF_ANNOTATION)
     return ImportedImage(digest, platform_digest, _image_name(raw_name))
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _staging_allowance(archive: Path) -> int:
+    size = archive.stat().st_size
+    with archive.open("rb") as handle:
+        head = handle.read(6)
+    if head.startswith(_COMPRESSED_MAGIC):
+        return 8 * size + (64 << 20)
+    return size
 
 
 def _verified(path: Path, digest: str, *, read: bool) -> bytes:

@@ -16,6 +16,8 @@ API returns; a class without one of its own answers with its parent's::
     ├── ImageInUse             image_in_use          held by an instance or named by a record
     ├── FormatConflict         format_conflict       the digest exists in the other disk format
     ├── BuildFailed                                  unpacking or building the disk failed
+    │   ├── ImageTooLarge      image_too_large       unpacks past IMAGE_MAX_UNPACKED_BYTES
+    │   └── StorageFull        insufficient_storage  the disk (or RAM scratch) ran out
     ├── InvalidFormat          invalid_format        not one of erofs, ext4
     └── ImageNotReady          image_not_ready       still building, or failed
 
@@ -89,6 +91,8 @@ class InvalidArchive(ImageError):
 class DigestMismatch(ImageError):
     """Content did not hash to the digest that names it."""
 
+    code = "digest_mismatch"
+
     def __init__(self, what: str, expected: str, actual: str) -> None:
         super().__init__(
             f"digest mismatch for {what}: expected {expected}, got {actual}",
@@ -116,6 +120,20 @@ class FormatConflict(ImageError):
 
 class BuildFailed(ImageError):
     """Unpacking or building the disk failed (umoci/mkfs error, disk full, bad layer)."""
+
+    code = "image_build_failed"
+
+
+class ImageTooLarge(BuildFailed):
+    """The layers unpack past ``IMAGE_MAX_UNPACKED_BYTES`` (sparse files at their full size)."""
+
+    code = "image_too_large"
+
+
+class StorageFull(BuildFailed):
+    """The filesystem an import or build writes to has no room left (ENOSPC)."""
+
+    code = "insufficient_storage"
 
 
 class InvalidFormat(ImageError):

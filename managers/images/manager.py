@@ -40,6 +40,7 @@ from .errors import (
     InvalidFormat,
     RegistryError,
     RegistryUnreachable,
+    StorageFull,
 )
 from .layout import OciLayout
 from .manifest import (
@@ -57,7 +58,15 @@ from .references import References
 from .registry import RegistryClient
 from .scratch import DEFAULT_SCRATCH, Scratch, unpacked_estimate
 from .store import Record, RecordStore
-from .types import DISK_FORMATS, PROGRESS_INTERVAL, DiskFormat, Image, ImageStatus, Progress
+from .types import (
+    DISK_FORMATS,
+    PROGRESS_INTERVAL,
+    BuildObserver,
+    DiskFormat,
+    Image,
+    ImageStatus,
+    Progress,
+)
 from .unpack import Unpacker
 
 T = TypeVar("T")
@@ -66,6 +75,8 @@ _log = logging.getLogger(__name__)
 _DOWNLOADS_PER_BUILD = 4
 _BLOB_READ_TIMEOUT = 60.0
 _MAX_ARCHIVE_BYTES = 64 << 30
+#: What an image may unpack to unless ``IMAGE_MAX_UNPACKED_BYTES`` says otherwise.
+DEFAULT_MAX_UNPACKED_BYTES = 64 << 30
 
 
 def _default_docker_config() -> Path:
@@ -154,12 +165,18 @@ class ImageManager:
         resolve_timeout: float = 5.0,
         scratch_dir: Path | None = DEFAULT_SCRATCH,
         on_change: Callable[[str, Image], None] | None = None,
+        observer: BuildObserver | None = None,
+        max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
     ) -> None:
         if max_concurrent_builds < 1:
             raise ValueError("max_concurrent_builds must be at least 1")
         self._paths = paths
         self._layout = OciLayout(paths.oci_layout, paths.tmp / "blobs")
         self._store = RecordStore(paths)
+        # A record write and the removal of its folder never overlap: a save that ran while a
+        # delete removed the folder would recreate it, and the image would be back at restart.
+        self._store_lock = anyio.Lock()
+        self._max_unpacked_bytes = max_unpacked_bytes
         self._cache_seconds = cache_seconds
         self._insecure = frozenset(insecure_registries)
         self._docker_config = docker_config if docker_config else _default_docker_config()
@@ -174,6 +191,7 @@ class ImageManager:
         self._opaque_noted: frozenset[Path] = frozenset()  # opaque records already logged
         # Told ("image.ready", the image) after a change happened; the edge makes events of these.
         self._on_change = on_change
+        self._observer = observer
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> ImageManager:
@@ -226,6 +244,7 @@ class ImageManager:
             await self._tg.__aexit__(None, None, None)
         finally:
             self._tg = None
+            self._scratch.close()
 
     # -- queries ---------------------------------------------------------------
     def _lookup(self, name_or_digest: str) -> _Entry:
@@ -345,17 +364,26 @@ class ImageManager:
         try:
             archive = work / "archive.tar"
             received = 0
-            async with await anyio.open_file(archive, "wb") as out:
-                async for chunk in stream:
-                    received += len(chunk)
-                    if received > _MAX_ARCHIVE_BYTES:
-                        raise InvalidArchive("archive larger than 64 GiB")
-                    await out.write(chunk)
-            if received == 0:
-                raise InvalidArchive("empty archive")
-            imported = await anyio.to_thread.run_sync(
-                ingest_archive, archive, self._layout, work / "staging"
-            )
+            try:
+                async with await anyio.open_file(archive, "wb") as out:
+                    async for chunk in stream:
+                        received += len(chunk)
+                        if received > _MAX_ARCHIVE_BYTES:
+                            raise InvalidArchive("archive larger than 64 GiB")
+                        await out.write(chunk)
+                if received == 0:
+                    raise InvalidArchive("empty archive")
+                imported = await anyio.to_thread.run_sync(
+                    ingest_archive, archive, self._layout, work / "staging"
+                )
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise StorageFull(
+                        f"no room left under {self._paths.root} for the archive "
+                        f"({received} bytes received)",
+                        {"received_bytes": received},
+                    ) from error
+                raise
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -457,7 +485,9 @@ class ImageManager:
         except Exception as exc:
             # A bug must fail one image, never the manager's task group and every other build.
             _log.exception("image build crashed")
-            await self._fail(entry, f"internal error: {type(exc).__name__}: {exc}")
+            await self._fail(
+                entry, f"internal error: {type(exc).__name__}: {exc}", "internal_error"
+            )
         finally:
             if entry.scope is scope:  # a retry may already have scheduled the next build
                 entry.scope = None
@@ -468,8 +498,11 @@ class ImageManager:
         trees: builtins.list[Path] = []
         dest = self._paths.image_disk(digest, entry.image.format)
         reason: str | None = None
+        code = "build_failed"
+        started = time.monotonic()
         try:
-            manifest = await self._fetch_content(entry)
+            manifest, pulled = await self._fetch_content(entry)
+            pull_seconds = time.monotonic() - started
             failpoint("image.pulled")
             tree = await self._unpack(entry, manifest, trees)
             failpoint("image.unpacked")
@@ -478,16 +511,18 @@ class ImageManager:
             # The disk is complete under its final name; the record does not say ready yet.
             failpoint("image.disk_written")
         except ImageError as exc:
-            reason = str(exc)
+            reason, code = str(exc), exc.code
         except OSError as exc:
-            reason = f"{'disk full' if exc.errno == errno.ENOSPC else 'I/O error'}: {exc}"
+            full = exc.errno == errno.ENOSPC
+            reason = f"{'disk full' if full else 'I/O error'}: {exc}"
+            code = "disk_full" if full else "io_error"
         finally:
             # Before the final status: whoever sees ready/failed sees no temporaries either.
             with anyio.CancelScope(shield=True):
                 for tree in trees:
                     await anyio.to_thread.run_sync(_remove_tree, tree)
         if reason is not None:
-            await self._fail(entry, reason)
+            await self._fail(entry, reason, code)
             return
         entry.record = replace(entry.record, last_used=time.time())
         await self._set(
@@ -497,8 +532,12 @@ class ImageManager:
             disk_path=dest,
             size=size,
         )
+        if self._observer is not None:
+            self._observer.build_finished(pull_seconds, pulled, time.monotonic() - started)
 
-    async def _fail(self, entry: _Entry, reason: str) -> None:
+    async def _fail(self, entry: _Entry, reason: str, code: str) -> None:
+        if self._observer is not None:
+            self._observer.build_failed(code)
         with anyio.CancelScope(shield=True):
             dest = self._paths.image_disk(entry.image.digest, entry.image.format)
             if await anyio.to_thread.run_sync(dest.exists):
@@ -513,8 +552,9 @@ class ImageManager:
                     )
             await self._set(entry, status=ImageStatus.FAILED, error=reason, disk_path=None)
 
-    async def _fetch_content(self, entry: _Entry) -> ImageManifest:
-        """Everything the image needs into the layout: manifest, config, missing layers."""
+    async def _fetch_content(self, entry: _Entry) -> tuple[ImageManifest, int]:
+        """Everything the image needs into the layout: manifest, config, missing layers; with
+        the bytes of layers downloaded."""
         record = entry.record
         await self._set(entry, status=ImageStatus.PULLING, progress=Progress("pulling"), error=None)
         platform_digest = record.platform_manifest or record.image.digest
@@ -568,7 +608,7 @@ class ImageManager:
             entry.record, oci_manifest=manifest.oci_digest, blobs=tuple(dict.fromkeys(blobs))
         )
         await self._set(entry, config=config, progress=Progress("pulling", total, total))
-        return manifest
+        return manifest, counter.value
 
     async def _download(
         self, client: RegistryClient, digest: str, counter: _Counter, limiter: anyio.Semaphore
@@ -604,24 +644,39 @@ class ImageManager:
         trees.append(first)
 
         def work(stop: threading.Event) -> Path:
-            for tree in dict.fromkeys((first, self._scratch.on_disk(digest))):
+            # RAM first when the estimate fits, else (or when RAM runs out after all) the disk;
+            # the real bytes decide, counted as they are written, never the estimate.
+            places = list(dict.fromkeys((first, self._scratch.on_disk(digest))))
+            for tree in places:
                 _remove_tree(tree)
                 if tree not in trees:
                     trees.append(tree)
                 counter.value = 0
-                unpacker = Unpacker(tree, stop)
+                unpacker = Unpacker(
+                    tree,
+                    stop,
+                    max_bytes=self._max_unpacked_bytes,
+                    budget=self._scratch.budget(tree),
+                )
                 try:
                     for path, compression in layers:
                         unpacker.apply(path, compression, counter.add)
                 except BuildFailed as exc:
                     cause = exc.__cause__
-                    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-                        _remove_tree(tree)
-                        continue
-                    raise
+                    no_room = isinstance(exc, StorageFull) or (
+                        isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+                    )
+                    if not no_room:
+                        raise
+                    _remove_tree(tree)
+                    if tree is places[-1]:
+                        raise StorageFull(
+                            f"no room to unpack the image: {exc.message}", exc.details
+                        ) from exc
+                    continue
                 unpacker.finish()
                 return tree
-            raise BuildFailed("disk full while unpacking")
+            raise StorageFull("no room to unpack the image")
 
         async with _first_error(), anyio.create_task_group() as tg:
             tg.start_soon(self._ticker, entry, "unpacking", counter, total)
@@ -662,9 +717,12 @@ class ImageManager:
             self._on_change(kind, image)
 
     async def _save(self, record: Record) -> None:
-        if record.image.digest in self._entries or record.image.status == ImageStatus.PENDING:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._store.save, record)
+        with anyio.CancelScope(shield=True):
+            async with self._store_lock:
+                # Checked under the lock: an image removed meanwhile has nothing to save.
+                digest = record.image.digest
+                if digest in self._entries or record.image.status == ImageStatus.PENDING:
+                    await anyio.to_thread.run_sync(self._store.save, record)
 
     # -- deletion and the cache ----------------------------------------------------
     async def delete(self, name_or_digest: str) -> None:
@@ -742,7 +800,8 @@ class ImageManager:
             self._layout.remove_ref(digest.partition(":")[2])
             self._store.remove(digest)
 
-        await anyio.to_thread.run_sync(forget)
+        async with self._store_lock:
+            await anyio.to_thread.run_sync(forget)
         self._changed("image.deleted", entry.image)
         self._publish(entry, status=ImageStatus.FAILED, error="deleted", disk_path=None)
 

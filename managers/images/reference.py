@@ -93,11 +93,13 @@ def parse_reference(text: str) -> Reference:
         raise InvalidReference(
             text, "repository path components must be lowercase letters, digits and separators"
         )
+    # The name as written (registry included) is what the distribution spec bounds, not the
+    # name after Docker Hub's implicit "library/" is added.
+    if len(remainder) > _MAX_NAME:
+        raise InvalidReference(text, "repository name longer than 255 characters")
     if registry == DOCKER_HUB and len(path) == 1:
         path = ["library", *path]
     repository = "/".join(path)
-    if len(repository) > _MAX_NAME:
-        raise InvalidReference(text, "repository name longer than 255 characters")
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry=registry, repository=repository, tag=tag, digest=digest)

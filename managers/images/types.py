@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 DiskFormat = Literal["erofs", "ext4"]
 DISK_FORMATS: tuple[DiskFormat, ...] = ("erofs", "ext4")
@@ -121,6 +121,16 @@ class Image:
             size=data.get("size"),
             config=ImageConfig.from_dict(config) if config else None,
         )
+
+
+class BuildObserver(Protocol):
+    """Told how each build ended: the edge makes metrics of it, the manager knows not how."""
+
+    def build_finished(self, pull_seconds: float, pulled_bytes: int, total_seconds: float) -> None:
+        """A build is ready: how long its pull took, what it downloaded, how long in all."""
+
+    def build_failed(self, reason: str) -> None:
+        """A build failed; ``reason`` is an error code, one of a small fixed set."""
 
 
 def _disk_format(value: object) -> DiskFormat:

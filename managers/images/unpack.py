@@ -12,7 +12,13 @@ streams each layer once (gzip/zstd/plain), and handles what a container unpack m
   as root), mtime and xattrs; directory modes and times are applied last so a read-only directory
   can still receive its children.
 
-It runs in a worker thread and checks ``stop`` between entries so a cancelled build ends quickly.
+It runs in a worker thread and checks ``stop`` between entries and between the 1 MiB chunks of
+a file, so a cancelled build ends within moments even in the middle of a huge entry. Every
+regular file counts its full size (a sparse file's holes included: the disk stores them)
+against ``max_bytes`` (``IMAGE_MAX_UNPACKED_BYTES``, :class:`ImageTooLarge`) and ``budget``
+(the room where the tree is, :class:`StorageFull`), before a byte of it is written. Device
+nodes are made (mkfs copies them into the disk), always below a folder only root may enter
+(``scratch.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .errors import BuildFailed
+from .errors import BuildFailed, ImageTooLarge, StorageFull
 from .registry import Stopped
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _COPY_CHUNK = 1 << 20
-# tarfile's stream mode slices its buffer on every read: a big buffer costs more than it saves.
-_TAR_BUFFER = 64 << 10
+# tarfile's stream mode slices its buffer on every read, so a big buffer costs more than it
+# saves on many small files. A layer of 50,500 files of 0.1-3 KB (110 MB) unpacked into tmpfs
+# in 10.9 s with 1 MiB, 2.7 s with 64 KiB, 2.5 s with 16 KiB and 10 KiB (`tar xzf`: 0.65 s;
+# the rest is tarfile's header parsing).
+_TAR_BUFFER = 16 << 10
 _MAX_LINK_HOPS = 40
 _IS_ROOT = os.geteuid() == 0
 
@@ -103,6 +112,9 @@ class Unpacker:
 
     root: Path
     stop: threading.Event = field(default_factory=threading.Event)
+    max_bytes: int | None = None
+    budget: int | None = None
+    unpacked: int = 0
     _dirs: dict[Path, _DirMeta] = field(default_factory=dict)
     _resolved: dict[str, Path] = field(default_factory=dict)
 
@@ -118,7 +130,7 @@ class Unpacker:
                 tarfile.open(
                     fileobj=stream,
                     mode="r|gz" if compression == "gzip" else "r|",
-                    bufsize=_COPY_CHUNK,
+                    bufsize=_TAR_BUFFER,
                 ) as archive,
             ):
                 for member in archive:
@@ -171,10 +183,14 @@ class Unpacker:
             return
         self._remove(path)
         if member.isreg():
+            self._count(member)
             source = archive.extractfile(member)
             assert source is not None
             with source, open(path, "wb") as out:
-                shutil.copyfileobj(source, out, _COPY_CHUNK)
+                while chunk := source.read(_COPY_CHUNK):
+                    if self.stop.is_set():
+                        raise Stopped(member.name)
+                    out.write(chunk)
         elif member.issym():
             os.symlink(member.linkname, path)
         elif member.islnk():
@@ -205,6 +221,21 @@ class Unpacker:
             os.chmod(path, stat.S_IMODE(member.mode))
         self._xattrs(path, member)
         os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+    def _count(self, member: tarfile.TarInfo) -> None:
+        self.unpacked += member.size
+        if self.max_bytes is not None and self.unpacked > self.max_bytes:
+            raise ImageTooLarge(
+                f"the image unpacks to more than IMAGE_MAX_UNPACKED_BYTES ({self.max_bytes} "
+                f"bytes); {member.name!r} alone is {member.size}",
+                {"max_bytes": self.max_bytes},
+            )
+        if self.budget is not None and self.unpacked > self.budget:
+            raise StorageFull(
+                f"no room to unpack the image under {self.root.parent}: it needs more than "
+                f"the {self.budget} bytes free there",
+                {"budget_bytes": self.budget},
+            )
 
     def _make_dir(self, path: Path, member: tarfile.TarInfo) -> None:
         try:

@@ -1,6 +1,6 @@
 """Instances: microVMs running an image's program (see README.md)."""
 
-from managers.instances.context import ImageSource, NetworkPort
+from managers.instances.context import AdmissionPort, ImageSource, NetworkPort, VolumePort
 from managers.instances.errors import (
     ActionFailed,
     ImageMissing,
@@ -10,6 +10,7 @@ from managers.instances.errors import (
     InstanceNotFound,
     InstanceQuarantined,
     InvalidInstanceSpec,
+    VolumeNotAttached,
     WrongInstanceState,
 )
 from managers.instances.manager import InstanceManager
@@ -19,10 +20,12 @@ from managers.instances.types import (
     Instance,
     InstanceRecord,
     InstanceState,
+    VolumeRequest,
 )
 
 __all__ = [
     "ActionFailed",
+    "AdmissionPort",
     "CreateRequest",
     "GuestStatus",
     "ImageMissing",
@@ -38,5 +41,8 @@ __all__ = [
     "InstanceState",
     "InvalidInstanceSpec",
     "NetworkPort",
+    "VolumeNotAttached",
+    "VolumePort",
+    "VolumeRequest",
     "WrongInstanceState",
 ]

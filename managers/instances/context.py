@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,13 +31,16 @@ from managers.hypervisors import (
     VmSpec,
     terminate_recorded,
 )
+from managers.instances.allocations import held_by_all
 from managers.instances.errors import InstanceNotFound, InstanceQuarantined, InvalidInstanceSpec
-from managers.instances.logs import SegmentedLog
+from managers.instances.logs import DEFAULT_RETENTION_BYTES, LogTally, SegmentedLog
 from managers.instances.pump import LogPump, PumpSet
 from managers.instances.store import InstanceStore
 from managers.instances.types import Instance, InstanceRecord, QuarantineInfo
-from managers.network import Allocation, GuestNetwork
+from managers.network import Allocation, Bandwidth, GuestNetwork
 from managers.paths import Paths
+from managers.resources import Demand
+from managers.volumes import VolumeRef, disk_serial
 
 log = logging.getLogger("managers.instances")
 
@@ -73,13 +77,47 @@ class NetworkPort(Protocol):
 
     async def release(self, instance_id: str) -> None: ...
 
-    async def create_tap(self, instance_id: str, allocation: Allocation) -> str: ...
+    async def create_tap(
+        self, instance_id: str, allocation: Allocation, *, bandwidth: Bandwidth | None = None
+    ) -> str: ...
+
+    async def shape(self, instance_id: str, bandwidth: Bandwidth) -> None: ...
 
     async def delete_tap(self, instance_id: str) -> None: ...
 
     def guest_network(self, allocation: Allocation) -> GuestNetwork: ...
 
     def bridge_exists(self) -> bool: ...
+
+
+class VolumePort(Protocol):
+    """What instances need of the volumes subsystem (``VolumeManager`` is the real one)."""
+
+    def claim(self, key: str, instance_id: str, mount_path: str, readonly: bool) -> VolumeRef: ...
+
+    def adopt(self, volume_id: str, instance_id: str, mount_path: str, readonly: bool) -> bool: ...
+
+    def release(self, volume_id: str, instance_id: str) -> None: ...
+
+    def resolve(self, key: str) -> str: ...
+
+    def data_path(self, volume_id: str) -> Path: ...
+
+    def changed_attachment(self, kind: str, volume_id: str) -> None: ...
+
+
+class AdmissionPort(Protocol):
+    """What instances need of the resources subsystem (``ResourceManager`` is the real one)."""
+
+    def reserve(
+        self, key: str, demand: Demand, held: Mapping[str, Demand]
+    ) -> AbstractAsyncContextManager[None]: ...
+
+
+class IngressPort(Protocol):
+    """What instances need of the ingresses subsystem (``IngressManager`` is the real one)."""
+
+    async def instance_removed(self, instance_id: str) -> None: ...
 
 
 @dataclass
@@ -117,13 +155,23 @@ class Context:
         network: NetworkPort | None,
         stop_grace_seconds: float,
         on_change: ChangeCallback | None = None,
+        volumes: VolumePort | None = None,
+        admission: AdmissionPort | None = None,
+        log_tally: LogTally | None = None,
+        ingresses: IngressPort | None = None,
+        log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
     ) -> None:
         self.paths = paths
+        self.log_retention_bytes = log_retention_bytes
         self.images = images
         self.backends = dict(backends)
         self.default_hypervisor = default_hypervisor
         self.artifacts = artifacts
         self.network = network
+        self.volumes = volumes
+        self.admission = admission
+        self.ingresses = ingresses
+        self.log_tally = log_tally or LogTally()
         self.grace = stop_grace_seconds
         self._on_change = on_change
         self.store = InstanceStore(paths)
@@ -141,6 +189,15 @@ class Context:
         """Report a change that has happened (see ``ChangeCallback``)."""
         if self._on_change is not None:
             self._on_change(kind, instance)
+
+    @asynccontextmanager
+    async def admitted(self, instance_id: str, demand: Demand) -> AsyncIterator[None]:
+        """Run an operation that takes ``demand`` once the node has room (refused if not)."""
+        if self.admission is None:
+            yield
+            return
+        async with self.admission.reserve(instance_id, demand, held_by_all(self)):
+            yield
 
     # -- records ----------------------------------------------------------------------
     def resolve(self, key: str) -> str:
@@ -184,8 +241,12 @@ class Context:
                 pump=LogPump(
                     serial_raw=paths.instance_serial_raw(instance_id),
                     vmm_raw=paths.instance_vmm_raw(instance_id),
-                    app_log=SegmentedLog(logs, "app"),
-                    vmm_log=SegmentedLog(logs, "vmm"),
+                    app_log=SegmentedLog(
+                        logs, "app", retention_bytes=self.log_retention_bytes, tally=self.log_tally
+                    ),
+                    vmm_log=SegmentedLog(
+                        logs, "vmm", retention_bytes=self.log_retention_bytes, tally=self.log_tally
+                    ),
                     state_file=paths.instance_pump_state(instance_id),
                     status_file=paths.instance_guest_status(instance_id),
                 ),
@@ -227,7 +288,11 @@ class Context:
         if not record.network.enabled:
             return False
         net = await self.ensure_network()
-        await net.create_tap(record.id, Allocation.from_dict(record.network.allocation()))
+        await net.create_tap(
+            record.id,
+            Allocation.from_dict(record.network.allocation()),
+            bandwidth=record.network.bandwidth,
+        )
         return True
 
     async def delete_tap(self, instance_id: str) -> None:
@@ -288,6 +353,7 @@ class Context:
                 DiskSpec(id="image", path=disks["image"], readonly=True, serial="image"),
                 DiskSpec(id="overlay", path=disks["overlay"], serial="overlay"),
                 DiskSpec(id="config", path=disks["config"], readonly=True, serial="config"),
+                *(self.volume_disk(v.volume_id, v.readonly) for v in record.volumes),
             ),
             net=NetSpec(tap=network.tap or "", mac=network.mac or "") if network.enabled else None,
             serial_file=self.paths.instance_serial_raw(record.id),
@@ -295,8 +361,20 @@ class Context:
         )
 
     def disk_paths(self, record: InstanceRecord) -> dict[str, Path]:
+        """Every disk of the instance by its device id, volumes included."""
         return {
             "image": Path(record.image.disk),
             "overlay": self.paths.instance_overlay(record.id),
             "config": self.paths.instance_config_disk(record.id),
+            **{
+                disk_serial(volume.volume_id): self.paths.volume_data(volume.volume_id)
+                for volume in record.volumes
+            },
         }
+
+    def volume_disk(self, volume_id: str, readonly: bool) -> DiskSpec:
+        """A volume as a disk: read-only in the VMM when attached read-only, found by serial."""
+        serial = disk_serial(volume_id)
+        return DiskSpec(
+            id=serial, path=self.paths.volume_data(volume_id), readonly=readonly, serial=serial
+        )

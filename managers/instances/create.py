@@ -8,6 +8,7 @@ ending anything. A crash in between leaves a record that says what was under way
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -15,10 +16,17 @@ import anyio
 
 from managers.clock import now_iso
 from managers.failpoints import failpoint
-from managers.guest import GuestConfig, NetworkConfig, create_overlay_disk, write_config_disk
+from managers.guest import (
+    GuestConfig,
+    NetworkConfig,
+    VolumeMount,
+    create_overlay_disk,
+    write_config_disk,
+)
 from managers.hypervisors import BackendKind, agent_transport
 from managers.images.errors import ImageNotFound
 from managers.instances.actions import boot
+from managers.instances.allocations import boot_demand, held
 from managers.instances.context import Context, ImageLike, Live, log
 from managers.instances.errors import (
     ImageMissing,
@@ -27,13 +35,16 @@ from managers.instances.errors import (
     InvalidInstanceSpec,
 )
 from managers.instances.types import (
+    AttachedVolume,
     CreateRequest,
     ImageRef,
     InstanceRecord,
     Intent,
     IntentKind,
     NetworkRecord,
+    VolumeRequest,
 )
+from managers.volumes import disk_serial
 
 
 async def create(ctx: Context, request: CreateRequest, reserve: anyio.Lock) -> InstanceRecord:
@@ -54,6 +65,12 @@ async def create(ctx: Context, request: CreateRequest, reserve: anyio.Lock) -> I
     except BaseException:
         del ctx.names[request.name]
         raise
+    try:
+        volumes = claim_volumes(ctx, instance_id, request.volumes)
+    except BaseException:
+        ctx.images.release(image.digest)
+        del ctx.names[request.name]
+        raise
     record = InstanceRecord(
         id=instance_id,
         name=request.name,
@@ -70,18 +87,23 @@ async def create(ctx: Context, request: CreateRequest, reserve: anyio.Lock) -> I
         entrypoint=request.entrypoint,
         cmd=request.cmd,
         workdir=request.workdir,
-        network=NetworkRecord(enabled=request.network),
+        network=NetworkRecord(enabled=request.network, bandwidth=request.bandwidth),
         intent=Intent(IntentKind.CREATE, now_iso()),
         restart_policy=request.restart_policy,
         keep_on_exit=request.keep_on_exit,
+        volumes=volumes,
     )
     live = ctx.live_for(instance_id)
-    async with live.lock:
+    demand = boot_demand(record) if request.start else held(record, None)
+    async with live.lock, contextlib.AsyncExitStack() as admission:
         try:
-            # A folder already there (never ours to remove) fails here, before anything is made.
+            # Refused here, for want of room, or for a folder already there (never ours to
+            # remove): before anything is made.
+            await admission.enter_async_context(ctx.admitted(instance_id, demand))
             await anyio.to_thread.run_sync(ctx.store.create_folder, instance_id)
         except BaseException:
             ctx.images.release(image.digest)
+            release_volumes(ctx, record)
             ctx.forget(record)
             raise
         try:
@@ -144,6 +166,10 @@ async def remove(ctx: Context, record: InstanceRecord, live: Live) -> None:
         ("end the VMM", lambda: ctx.end_vmm(instance_id, live)),
         ("stop following logs", lambda: ctx.pumps.remove(instance_id)),
     ]
+    ingresses = ctx.ingresses
+    if ingresses is not None:
+        # Before the address is released: a forward must never reach its next holder.
+        steps.append(("remove its ingresses", lambda: ingresses.instance_removed(instance_id)))
     if network is not None:
         steps += [
             ("remove the TAP", lambda: network.delete_tap(instance_id)),
@@ -168,7 +194,39 @@ async def remove(ctx: Context, record: InstanceRecord, live: Live) -> None:
                     extra={"instance_id": instance_id},
                 )
         ctx.images.release(record.image.digest)
+        release_volumes(ctx, record)
         ctx.forget(record)
+
+
+def claim_volumes(
+    ctx: Context, instance_id: str, requests: tuple[VolumeRequest, ...]
+) -> tuple[AttachedVolume, ...]:
+    """Hold every requested volume for the instance, or none of them."""
+    if not requests:
+        return ()
+    if ctx.volumes is None:
+        raise InvalidInstanceSpec("volumes are not enabled on this node")
+    claimed: list[AttachedVolume] = []
+    try:
+        for request in requests:
+            # The same volume twice is refused by the claim itself (already attached).
+            ref = ctx.volumes.claim(
+                request.volume, instance_id, request.mount_path, request.readonly
+            )
+            claimed.append(AttachedVolume(ref.id, request.mount_path, request.readonly))
+    except BaseException:
+        for volume in claimed:
+            ctx.volumes.release(volume.volume_id, instance_id)
+        raise
+    return tuple(claimed)
+
+
+def release_volumes(ctx: Context, record: InstanceRecord) -> None:
+    """Let go of the instance's volumes; their data stays."""
+    if ctx.volumes is None:
+        return
+    for volume in record.volumes:
+        ctx.volumes.release(volume.volume_id, record.id)
 
 
 def guest_config(record: InstanceRecord, image: ImageLike) -> GuestConfig:
@@ -205,6 +263,9 @@ def guest_config(record: InstanceRecord, image: ImageLike) -> GuestConfig:
         if network.enabled
         else None,
         agent_transport=agent_transport(BackendKind(record.hypervisor)),
+        volumes=tuple(
+            VolumeMount(disk_serial(v.volume_id), v.mount_path, v.readonly) for v in record.volumes
+        ),
     )
 
 
@@ -225,6 +286,7 @@ async def _allocate(ctx: Context, record: InstanceRecord) -> InstanceRecord:
             tap=net.tap_name(record.id),
             gateway=str(guest.gateway),
             dns=str(guest.dns),
+            bandwidth=record.network.bandwidth,
         )
     )
 

@@ -12,7 +12,8 @@ API returns; a class without one of its own answers with its parent's::
     ├── WrongInstanceState     wrong_state           not allowed in the current state
     ├── InstanceQuarantined    instance_quarantined  record unreadable; an operator must look
     ├── RecordInvalid                                a stored record does not parse
-    └── ActionFailed           action_failed         a step of an action failed; see ``step``
+    ├── ActionFailed           action_failed         a step of an action failed; see ``step``
+    └── VolumeNotAttached      volume_not_attached   the instance has no such volume
 
 ``details`` names what the message is about (the instance, the image, the current state and
 the states that would allow the action, …). Recovery quarantines the folder of a record that
@@ -105,3 +106,13 @@ class ActionFailed(InstanceError):
             {"id": instance_id, "action": action, "step": step},
         )
         self.step = step
+
+
+class VolumeNotAttached(InstanceError):
+    code = "volume_not_attached"
+
+    def __init__(self, instance_id: str, volume: str) -> None:
+        super().__init__(
+            f"volume {volume!r} is not attached to instance {instance_id}",
+            {"id": instance_id, "volume": volume},
+        )

@@ -1,32 +1,40 @@
 """Bounded, resumable instance logs.
 
-A log is a short series of *segments*, files named by the global byte offset at
-which they start (``app-000000004194304.log``). Appending past the segment size
-starts a new segment and drops the oldest beyond :data:`KEEP_SEGMENTS`, so a log
-never holds more than ``KEEP_SEGMENTS * SEGMENT_BYTES`` bytes, yet every byte
-keeps the global offset it was written at. That offset is the SSE event id: a
+A log is a series of *segments*, files named by the global byte offset at which
+they start (``app-000000004194304.log``). Appending past the segment size starts
+a new segment and drops the oldest ones beyond the retention
+(``LOG_RETENTION_BYTES``, :data:`DEFAULT_RETENTION_BYTES` by default), so a log
+never holds much more than that, yet every byte keeps the global offset it was
+written at. That offset is the SSE event id: a
 client that reconnects with ``Last-Event-ID`` resumes exactly after the last line
 it saw, across rotations and across dataplane restarts, with no index file to
 keep consistent (the names are the index, and a rename-free rotation cannot be
 half-done by a crash).
 
 Readers only ever see complete lines; a line longer than :data:`MAX_LINE` is cut
-into pieces so one runaway program cannot make a reader buffer without bound.
+into pieces so one runaway program cannot make a reader buffer without bound. A
+resume from an offset that is not where a line (or a piece of a cut line) begins
+moves on to the next one, and one from an offset rotated away says how many bytes
+are gone (:meth:`SegmentedLog.resume`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import anyio
 
 SEGMENT_BYTES = 4 * 1024 * 1024
 KEEP_SEGMENTS = 2
 MAX_LINE = 64 * 1024
+DEFAULT_RETENTION_BYTES = 64 * 1024 * 1024
+MIN_RETENTION_BYTES = 1024 * 1024
 _SEGMENT = re.compile(r"^(?P<source>[a-z]+)-(?P<start>\d{15})\.log$")
 
 
@@ -35,6 +43,32 @@ class LogLine:
     offset: int
     """Global offset just past this line: the id to resume after it."""
     text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a resume from a client's offset starts, and how many bytes before it are gone."""
+
+    offset: int
+    dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """What a request reads first: lines, the offset after them, and for a resume whose
+    offset was rotated away, how many bytes are gone and where it resumed."""
+
+    lines: list[LogLine]
+    position: int
+    dropped: int = 0
+    resumed_at: int | None = None
+
+
+def layout(retention_bytes: int) -> tuple[int, int]:
+    """(segment size, segments kept) holding about ``retention_bytes``: at most 4 MiB a
+    segment, at least four segments, so rotation drops a small share at a time."""
+    segment = max(2 * MAX_LINE, min(SEGMENT_BYTES, retention_bytes // 4))
+    return segment, max(2, retention_bytes // segment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +83,32 @@ class _Segment:
             return 0
 
 
+class LogTally:
+    """Bytes written to and dropped (by rotation) from every log, by source, since start-up.
+
+    Appends run in worker threads, hence the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._written: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+
+    def add(self, source: str, written: int, dropped: int) -> None:
+        with self._lock:
+            self._written[source] = self._written.get(source, 0) + written
+            if dropped:
+                self._dropped[source] = self._dropped.get(source, 0) + dropped
+
+    def written(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._written)
+
+    def dropped(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._dropped)
+
+
 class SegmentedLog:
     """One source's log (``app``, ``vmm`` or ``dataplane``) in one folder."""
 
@@ -59,11 +119,16 @@ class SegmentedLog:
         *,
         segment_bytes: int = SEGMENT_BYTES,
         keep: int = KEEP_SEGMENTS,
+        retention_bytes: int | None = None,
+        tally: LogTally | None = None,
     ) -> None:
         self.folder = folder
         self.source = source
         self.segment_bytes = segment_bytes
         self.keep = keep
+        if retention_bytes is not None:
+            self.segment_bytes, self.keep = layout(retention_bytes)
+        self.tally = tally
 
     def _segments(self) -> list[_Segment]:
         found: list[_Segment] = []
@@ -114,8 +179,12 @@ class SegmentedLog:
             segments.append(current)
         with open(current.path, "ab", opener=_private) as handle:
             handle.write(data)
+        dropped = 0
         for old in segments[: -self.keep]:
+            dropped += old.size()
             old.path.unlink(missing_ok=True)
+        if self.tally is not None:
+            self.tally.add(self.source, len(data), dropped)
 
     def _path(self, start: int) -> Path:
         return self.folder / f"{self.source}-{start:015d}.log"
@@ -158,6 +227,31 @@ class SegmentedLog:
                 else:
                     break
         return lines, position
+
+    def resume(self, offset: int) -> Resume:
+        """Where to continue for a client that saw everything before ``offset``.
+
+        An offset rotated away continues from the oldest byte kept, saying how many bytes
+        are gone; one past the end from the end; one inside a line from the next place a
+        line (or a piece of a line cut at :data:`MAX_LINE`) begins, as if the client had seen
+        the whole line.
+        """
+        segments = self._segments()
+        if not segments:
+            return Resume(0)
+        oldest = segments[0].start
+        if offset < oldest:
+            return Resume(oldest, oldest - offset)
+        for segment in reversed(segments):
+            if offset >= segment.start:
+                break
+        if offset == segment.start:
+            return Resume(offset)
+        try:
+            with segment.path.open("rb") as handle:
+                return Resume(_next_boundary(handle, segment.start, offset))
+        except FileNotFoundError:
+            return Resume(self.start())
 
     def tail(self, count: int, *, final: bool = False) -> tuple[list[LogLine], int]:
         """The last ``count`` complete lines and the offset after them."""
@@ -208,6 +302,34 @@ def _split_lines(data: bytes, base: int, out: list[LogLine], *, final: bool) -> 
         out.append(LogLine(base + newline + 1, data[used:newline]))
         used = newline + 1
     return used
+
+
+def _next_boundary(handle: IO[bytes], start: int, offset: int) -> int:
+    """The first offset at or after ``offset`` where ``read_lines`` would begin a line, in
+    the segment open as ``handle`` (which begins at global ``start`` with a line)."""
+    size = os.fstat(handle.fileno()).st_size
+    local = min(offset - start, size)
+    # Find where the line holding ``offset`` began: the byte after the last newline before
+    # it, or the segment's start. Lines are cut every MAX_LINE bytes from there.
+    line_start = 0
+    window = local
+    while window > 0:
+        low = max(0, window - MAX_LINE)
+        handle.seek(low)
+        newline = handle.read(window - low).rfind(b"\n")
+        if newline != -1:
+            line_start = low + newline + 1
+            break
+        window = low
+    into = local - line_start
+    if into % MAX_LINE == 0:
+        return start + local
+    cut = line_start + (into // MAX_LINE + 1) * MAX_LINE
+    handle.seek(local)
+    newline = handle.read(max(0, min(cut, size) - local)).find(b"\n")
+    if newline != -1:
+        return start + local + newline + 1
+    return start + min(cut, size)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,26 @@ from managers.agent import AgentUnavailable, Channel
 from managers.guest import GuestArtifacts
 from managers.hypervisors import HypervisorBackend
 from managers.hypervisors import WrongState as HypervisorWrongState
-from managers.instances import actions, create, recovery, standby, supervise, views
+from managers.instances import (
+    actions,
+    bandwidth,
+    create,
+    recovery,
+    standby,
+    supervise,
+    views,
+    volumes,
+)
+from managers.instances.allocations import allocations, boot_demand
 from managers.instances.context import (
+    AdmissionPort,
     ChangeCallback,
     Context,
     ImageSource,
+    IngressPort,
     Live,
     NetworkPort,
+    VolumePort,
     log,
 )
 from managers.instances.errors import (
@@ -38,7 +52,12 @@ from managers.instances.errors import (
     InvalidInstanceSpec,
     WrongInstanceState,
 )
-from managers.instances.logs import LogLine, SegmentedLog
+from managers.instances.logs import (
+    DEFAULT_RETENTION_BYTES,
+    LogRead,
+    LogTally,
+    SegmentedLog,
+)
 from managers.instances.transitions import TRANSITIONS, Action
 from managers.instances.types import (
     LOG_SOURCES,
@@ -47,8 +66,11 @@ from managers.instances.types import (
     Instance,
     InstanceRecord,
     InstanceState,
+    VolumeRequest,
 )
+from managers.network import Bandwidth
 from managers.paths import Paths
+from managers.resources import Allocation
 
 # How long an exec or file request waits for an agent that is not up yet (just booted, or
 # reconnecting after a restore).
@@ -74,6 +96,8 @@ _CHANGES: dict[Action, str] = {
     Action.STANDBY: "instance.standby",
     Action.RESTORE: "instance.restored",
 }
+# The actions that start a VMM, so take vCPUs and memory: the resource manager admits them.
+_BOOTS = frozenset({Action.START, Action.RESTORE})
 # The VMM itself refuses these in the wrong state, so it is asked once and the state is
 # read only to explain a refusal.
 _VMM_CHECKED = {Action.PAUSE: InstanceState.RUNNING, Action.RESUME: InstanceState.PAUSED}
@@ -93,6 +117,11 @@ class InstanceManager:
         network: NetworkPort | None = None,
         stop_grace_seconds: float = 10.0,
         on_change: ChangeCallback | None = None,
+        volumes: VolumePort | None = None,
+        admission: AdmissionPort | None = None,
+        log_tally: LogTally | None = None,
+        ingresses: IngressPort | None = None,
+        log_retention_bytes: int = DEFAULT_RETENTION_BYTES,
     ) -> None:
         self._ctx = Context(
             paths,
@@ -103,6 +132,11 @@ class InstanceManager:
             network=network,
             stop_grace_seconds=stop_grace_seconds,
             on_change=on_change,
+            volumes=volumes,
+            admission=admission,
+            log_tally=log_tally,
+            ingresses=ingresses,
+            log_retention_bytes=log_retention_bytes,
         )
         self._reserve = anyio.Lock()
         self._tg: TaskGroup | None = None
@@ -127,6 +161,7 @@ class InstanceManager:
         # adopted now, which also removes TAPs a crash left behind.
         if ctx.network is not None and ctx.network.bridge_exists():
             await ctx.ensure_network()
+            await bandwidth.reapply(ctx)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -163,6 +198,10 @@ class InstanceManager:
         except InstanceQuarantined:
             return self._quarantined_view(key)
         return await views.view(ctx, ctx.record(instance_id))
+
+    async def allocations(self) -> builtins.list[Allocation]:
+        """What each instance holds of the node: vCPUs and memory while it runs, its overlay."""
+        return allocations(self._ctx)
 
     # -- create / delete --------------------------------------------------------------
     async def create(self, request: CreateRequest) -> Instance:
@@ -214,6 +253,43 @@ class InstanceManager:
         """Bring a standby instance back from its snapshot in a fresh VMM."""
         return await self._perform(key, Action.RESTORE)
 
+    # -- volumes ----------------------------------------------------------------------
+    async def set_bandwidth(self, key: str, limits: Bandwidth) -> Instance:
+        """Replace the bandwidth limits: on the TAP now if the VMM runs, else from its next boot."""
+        return await self._change(
+            key, Action.SET_BANDWIDTH, functools.partial(bandwidth.change, bandwidth=limits)
+        )
+
+    async def attach_volume(self, key: str, request: VolumeRequest) -> Instance:
+        """Attach a volume: hot-plugged and mounted if Running, else for the next boot."""
+        return await self._change(
+            key, Action.ATTACH_VOLUME, functools.partial(volumes.attach, request=request)
+        )
+
+    async def detach_volume(self, key: str, volume: str) -> Instance:
+        """Detach a volume: unmounted and unplugged if Running, else from the next boot."""
+        return await self._change(
+            key, Action.DETACH_VOLUME, functools.partial(volumes.detach, key=volume)
+        )
+
+    async def _change(
+        self,
+        key: str,
+        action: Action,
+        work: Callable[[Context, InstanceRecord, Live, InstanceState], Awaitable[InstanceRecord]],
+    ) -> Instance:
+        ctx = self._ctx
+        instance_id = ctx.resolve(key)
+        live = ctx.live_for(instance_id)
+        async with live.lock:
+            record = ctx.record(instance_id)
+            current = await views.state(ctx, record, live, owner=True)
+            transition = TRANSITIONS[action]
+            if current not in transition.accepts:
+                raise WrongInstanceState(instance_id, action, current, transition.allowed())
+            record = await work(ctx, record, live, current)
+            return views.snapshot(record, live, current)
+
     # -- the guest agent --------------------------------------------------------------
     async def agent(self, key: str, wait_seconds: float = AGENT_WAIT_SECONDS) -> Channel:
         """The channel to a Running instance's agent, waiting up to ``wait_seconds`` for it."""
@@ -253,7 +329,11 @@ class InstanceManager:
                     current = await views.state(ctx, record, live, owner=True)
                     if current not in transition.accepts:
                         raise WrongInstanceState(instance_id, action, current, transition.allowed())
-                    await work(ctx, record, live, current)
+                    if action in _BOOTS:
+                        async with ctx.admitted(instance_id, boot_demand(record)):
+                            await work(ctx, record, live, current)
+                    else:
+                        await work(ctx, record, live, current)
             except ActionFailed:
                 failed = await views.state_view(ctx, ctx.record(instance_id), live)
                 ctx.changed("instance.failed", failed)
@@ -263,6 +343,7 @@ class InstanceManager:
                 live.restarts, live.restart_at = 0, None
             log.info("%s done", action, extra={"instance_id": instance_id})
             after = transition.leads_to
+            assert after is not None
             if after is InstanceState.INITIALIZING:
                 after = views.awake_state(live)
             instance = views.snapshot(ctx.record(instance_id), live, after)
@@ -278,22 +359,29 @@ class InstanceManager:
 
     async def read_log(
         self, key: str, source: str, *, after: int | None, tail: int | None
-    ) -> tuple[builtins.list[LogLine], int]:
+    ) -> LogRead:
         """Lines to send first: after an offset (resume), the last ``tail``, or all.
 
         The pump is drained first, so what the guest printed is there; a last line
-        without its newline is included once no VMM can finish it.
+        without its newline is included once no VMM can finish it. A resume starts at the
+        next line boundary and says how many bytes rotation dropped before it.
         """
         log_file = await self.log_for(key, source)
         live = self._ctx.live.get(self._ctx.resolve(key))
         if live is not None:
             await anyio.to_thread.run_sync(live.pump.drain)
         final = live is None or live.vmm is None
-        if after is not None:
-            return await anyio.to_thread.run_sync(lambda: log_file.read_lines(after, final=final))
-        if tail is not None:
-            return await anyio.to_thread.run_sync(lambda: log_file.tail(tail, final=final))
-        return await anyio.to_thread.run_sync(lambda: log_file.read_lines(0, final=final))
+
+        def read() -> LogRead:
+            if after is not None:
+                resume = log_file.resume(after)
+                lines, position = log_file.read_lines(resume.offset, final=final)
+                return LogRead(lines, position, resume.dropped, resume.offset)
+            if tail is not None:
+                return LogRead(*log_file.tail(tail, final=final))
+            return LogRead(*log_file.read_lines(0, final=final))
+
+        return await anyio.to_thread.run_sync(read)
 
     async def finished(self, key: str) -> Instance | None:
         """The instance once nothing more will be written to its logs; None while it may be.

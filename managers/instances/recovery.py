@@ -33,7 +33,7 @@ from managers.hypervisors import (
     terminate_recorded,
     vmm_pids,
 )
-from managers.instances import actions, create, standby
+from managers.instances import actions, create, standby, volumes
 from managers.instances.context import Context, Live, log
 from managers.instances.types import InstanceRecord, IntentKind, QuarantineInfo
 from managers.quarantine import quarantine, quarantined
@@ -60,6 +60,7 @@ async def recover(ctx: Context) -> None:
         # Held for as long as the instance exists; released by delete (or a rollback below).
         with contextlib.suppress(Exception):
             ctx.images.acquire(record.image.digest)
+        _claim_volumes(ctx, record)
     for record in list(found.records):
         try:
             await _recover_one(ctx, record)
@@ -90,6 +91,10 @@ async def _recover_one(ctx: Context, record: InstanceRecord) -> None:
         intent.at,
         extra={"instance_id": record.id},
     )
+    if intent.action in (IntentKind.ATTACH, IntentKind.DETACH):
+        await _adopt(ctx, record, live)
+        await _settle_volume(ctx, record, live)
+        return
     async with live.lock:
         if intent.action in (IntentKind.START, IntentKind.RESTORE):
             await _attach(ctx, record, live)
@@ -134,6 +139,44 @@ async def _recover_one(ctx: Context, record: InstanceRecord) -> None:
                 else:
                     await standby.undo_restore(ctx, record, live)
     await anyio.to_thread.run_sync(live.pump.drain)
+
+
+def _claim_volumes(ctx: Context, record: InstanceRecord) -> None:
+    """The record is where attachments live: its volumes (and one being attached) are held."""
+    if ctx.volumes is None:
+        return
+    held = list(record.volumes)
+    intent = record.intent
+    if intent is not None and intent.action is IntentKind.ATTACH and intent.volume is not None:
+        held.append(intent.volume)
+    for volume in held:
+        if not ctx.volumes.adopt(volume.volume_id, record.id, volume.mount_path, volume.readonly):
+            log.error(
+                "volume %s of this instance is missing (deleted by hand, or quarantined); "
+                "its next boot will fail until it is detached",
+                volume.volume_id,
+                extra={"instance_id": record.id},
+            )
+
+
+async def _settle_volume(ctx: Context, record: InstanceRecord, live: Live) -> None:
+    """An attach or detach cut short: at once with no VM, else once the agent can answer.
+
+    With a VM running, settling needs the guest's agent, which a restarted dataplane only
+    reaches after its own start-up; the instance's lock is held meanwhile, so nothing else
+    acts on it first.
+    """
+
+    async def settle() -> None:
+        async with live.lock:
+            current = ctx.records.get(record.id)
+            if current is not None and current.intent is not None:
+                await volumes.settle(ctx, current, live)
+
+    if live.vmm is None or ctx.spawn is None:
+        await settle()
+    else:
+        ctx.spawn(settle)
 
 
 def _tidy(ctx: Context, instance_id: str) -> None:

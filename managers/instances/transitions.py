@@ -25,15 +25,21 @@ class Action(enum.StrEnum):
     RESUME = "resume"
     STANDBY = "standby"
     RESTORE = "restore"
-    # Not a change of state: exec and file operations through the guest agent need the
-    # program running, and are refused (as the rest are) by this table.
+    # Not changes of state: exec and file operations through the guest agent need the
+    # program running; a volume is attached or detached hot while the program runs (through
+    # the agent), or cold (in the record, for the next boot) while no VM runs. Standby is
+    # refused: the snapshot's devices are fixed until it is restored.
     EXEC = "exec"
+    ATTACH_VOLUME = "attach a volume to"
+    DETACH_VOLUME = "detach a volume from"
+    # Bandwidth limits are the record's, applied to the TAP whenever there is one.
+    SET_BANDWIDTH = "change the bandwidth of"
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
     accepts: frozenset[InstanceState]
-    leads_to: InstanceState
+    leads_to: InstanceState | None  # None: the state stays as it was
 
     def allowed(self) -> list[str]:
         """The accepted states as the API names them, in a stable order."""
@@ -41,6 +47,8 @@ class Transition:
 
 
 _AWAKE = frozenset({_S.INITIALIZING, _S.RUNNING})
+# No VM that the next boot would not replace.
+_AT_REST = frozenset({_S.CREATED, _S.STOPPED, _S.SHUTDOWN})
 
 TRANSITIONS: dict[Action, Transition] = {
     Action.START: Transition(frozenset({_S.CREATED, _S.STOPPED, _S.SHUTDOWN}), _S.INITIALIZING),
@@ -50,5 +58,8 @@ TRANSITIONS: dict[Action, Transition] = {
     Action.RESUME: Transition(frozenset({_S.PAUSED}), _S.INITIALIZING),
     Action.STANDBY: Transition(_AWAKE | {_S.PAUSED}, _S.STANDBY),
     Action.RESTORE: Transition(frozenset({_S.STANDBY}), _S.INITIALIZING),
-    Action.EXEC: Transition(frozenset({_S.RUNNING}), _S.RUNNING),
+    Action.EXEC: Transition(frozenset({_S.RUNNING}), None),
+    Action.ATTACH_VOLUME: Transition(_AT_REST | {_S.RUNNING}, None),
+    Action.DETACH_VOLUME: Transition(_AT_REST | {_S.RUNNING}, None),
+    Action.SET_BANDWIDTH: Transition(_AT_REST | _AWAKE | {_S.PAUSED, _S.STANDBY}, None),
 }

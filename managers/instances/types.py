@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from managers.agent import AgentInfo
 from managers.instances.errors import InvalidInstanceSpec, RecordInvalid
+from managers.network import Bandwidth, NetworkConfigError
+from managers.volumes import mount_path_problems, normal_mount_path
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 LOG_SOURCES = ("app", "vmm", "dataplane")
+# Volumes one instance may have: each is a PCI device, and QEMU's `pc` machine has 29 slots.
+MAX_VOLUMES = 16
 
 
 class InstanceState(enum.StrEnum):
@@ -50,7 +54,65 @@ _CREATE_FIELDS = _WHOLE_FIELDS | {
     "start",
     "restart_policy",
     "keep_on_exit",
+    "volumes",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRequest:
+    """One volume a request attaches: ``volume`` is an id or a name, resolved at attach."""
+
+    volume: str
+    mount_path: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        # One spelling per place (``/data/`` is ``/data``), so duplicates are seen.
+        if self.mount_path.startswith("/"):
+            object.__setattr__(self, "mount_path", normal_mount_path(self.mount_path))
+
+    @classmethod
+    def from_json(cls, data: object, *, with_volume: bool = True) -> VolumeRequest:
+        """Parse ``{volume_id, mount_path, readonly?}`` (``volume_id`` only ``with_volume``)."""
+        keys = {"mount_path", "readonly"} | ({"volume_id"} if with_volume else set())
+        if not isinstance(data, dict) or set(data) - keys:
+            shape = "volume_id, mount_path, readonly?" if with_volume else "mount_path, readonly?"
+            raise InvalidInstanceSpec(f"a volume attachment is an object of {shape}")
+        volume = data.get("volume_id", "")
+        readonly = data.get("readonly", False)
+        problems = mount_path_problems(data.get("mount_path"))
+        if with_volume and (not isinstance(volume, str) or not volume):
+            problems.append("volume_id must name a volume")
+        if not isinstance(readonly, bool):
+            problems.append("readonly must be true or false")
+        if problems:
+            raise InvalidInstanceSpec("; ".join(problems), {"problems": problems})
+        return cls(str(volume), str(data["mount_path"]), readonly)
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedVolume:
+    """A volume in an instance's record: the one place attachments are stored."""
+
+    volume_id: str
+    mount_path: str
+    readonly: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "volume_id": self.volume_id,
+            "mount_path": self.mount_path,
+            "readonly": self.readonly,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> AttachedVolume:
+        fields = _object(data, "volume")
+        return cls(
+            volume_id=_text(fields, "volume_id"),
+            mount_path=_text(fields, "mount_path"),
+            readonly=_flag(fields, "readonly", False),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +128,12 @@ class CreateRequest:
     cmd: tuple[str, ...] | None = None
     workdir: str | None = None
     network: bool = False
+    bandwidth: Bandwidth = field(default_factory=Bandwidth)
     hypervisor: str | None = None
     start: bool = True
     restart_policy: RestartPolicy = RestartPolicy.NO
     keep_on_exit: bool = False
+    volumes: tuple[VolumeRequest, ...] = ()
 
     @classmethod
     def from_json(cls, data: object) -> CreateRequest:
@@ -88,9 +152,26 @@ class CreateRequest:
         for key, value in data.items():
             if key == "network":
                 enabled = value.get("enabled", False) if isinstance(value, dict) else None
-                if not isinstance(enabled, bool) or set(value) - {"enabled"}:
-                    problems.append('network must be {"enabled": true|false}')
+                if not isinstance(enabled, bool) or set(value) - {"enabled", "bandwidth"}:
+                    problems.append('network must be {"enabled": true|false, "bandwidth"?: {...}}')
+                    continue
                 fields[key] = enabled
+                if "bandwidth" in value:
+                    try:
+                        fields["bandwidth"] = Bandwidth.from_json(value["bandwidth"])
+                    except NetworkConfigError as error:
+                        problems.append(error.message)
+                    else:
+                        if fields["bandwidth"].limited and not enabled:
+                            problems.append("network.bandwidth needs network.enabled")
+            elif key == "volumes":
+                if not isinstance(value, list):
+                    problems.append("volumes must be a list of attachments")
+                else:
+                    try:
+                        fields[key] = tuple(VolumeRequest.from_json(item) for item in value)
+                    except InvalidInstanceSpec as error:
+                        problems.append(error.message)
             elif key in ("entrypoint", "cmd"):
                 if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
                     problems.append(f"{key} must be a list of strings")
@@ -158,8 +239,24 @@ class CreateRequest:
             problems.append("workdir must be an absolute path")
         if self.workdir is not None and "\0" in self.workdir:
             problems.append("workdir contains a NUL byte")
+        problems.extend(volume_problems(self.volumes))
         if problems:
             raise InvalidInstanceSpec("; ".join(problems), {"problems": problems})
+
+
+def volume_problems(volumes: Sequence[VolumeRequest | AttachedVolume]) -> list[str]:
+    """What makes a set of attachments impossible on its own: too many, or two on one path."""
+    problems = []
+    if len(volumes) > MAX_VOLUMES:
+        problems.append(f"an instance has at most {MAX_VOLUMES} volumes")
+    paths = [v.mount_path for v in volumes]
+    for path in sorted({p for p in paths if paths.count(p) > 1}):
+        problems.append(f"two volumes are mounted on {path!r}")
+    for path in paths:
+        nested = [other for other in paths if other.startswith(path + "/")]
+        if nested:
+            problems.append(f"volume mount {nested[0]!r} is inside another volume's {path!r}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +301,8 @@ class IntentKind(enum.StrEnum):
     STANDBY = "standby"
     RESTORE = "restore"
     DELETE = "delete"
+    ATTACH = "attach"
+    DETACH = "detach"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,17 +313,31 @@ class Intent:
     at: str
     # standby only: the VM was already paused, so undoing the standby must not resume it.
     was_paused: bool = False
+    # attach and detach: the volume being attached or detached.
+    volume: AttachedVolume | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"action": self.action.value, "at": self.at, "was_paused": self.was_paused}
+        data: dict[str, Any] = {
+            "action": self.action.value,
+            "at": self.at,
+            "was_paused": self.was_paused,
+        }
+        if self.volume is not None:
+            data["volume"] = self.volume.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> Intent:
         fields = _object(data, "intent")
+        volume = fields.get("volume")
+        action = IntentKind(_text(fields, "action"))
+        if action in (IntentKind.ATTACH, IntentKind.DETACH) and volume is None:
+            raise RecordInvalid(f"a {action} intent must name its volume")
         return cls(
-            action=IntentKind(_text(fields, "action")),
+            action=action,
             at=_text(fields, "at"),
             was_paused=_flag(fields, "was_paused", False),
+            volume=AttachedVolume.from_json(volume) if volume is not None else None,
         )
 
 
@@ -248,6 +361,7 @@ class NetworkRecord:
     tap: str | None = None
     gateway: str | None = None
     dns: str | None = None
+    bandwidth: Bandwidth = field(default_factory=Bandwidth)
 
     def allocation(self) -> dict[str, str]:
         """The allocation as the network manager reads it back."""
@@ -279,6 +393,7 @@ class InstanceRecord:
     # The program exited and its policy restarts it: set before its VMM is released, cleared
     # by the next start that boots it (by the supervisor or by hand).
     restart_pending: bool = False
+    volumes: tuple[AttachedVolume, ...] = ()
 
     def evolve(self, **changes: Any) -> InstanceRecord:
         """A copy with ``changes``; records are never changed in place."""
@@ -298,6 +413,7 @@ class InstanceRecord:
             "workdir": self.workdir,
             "restart_policy": self.restart_policy.value,
             "keep_on_exit": self.keep_on_exit,
+            "volumes": [volume.to_json() for volume in self.volumes],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -321,6 +437,7 @@ class InstanceRecord:
                 "tap": network.tap,
                 "gateway": network.gateway,
                 "dns": network.dns,
+                "bandwidth": network.bandwidth.to_json(),
             },
             "booted": self.booted,
             "intent": self.intent.to_json() if self.intent is not None else None,
@@ -378,13 +495,31 @@ class InstanceRecord:
                 tap=_text_or_none(network, "tap"),
                 gateway=_text_or_none(network, "gateway"),
                 dns=_text_or_none(network, "dns"),
+                bandwidth=_bandwidth(network.get("bandwidth")),
             ),
             booted=_flag(fields, "booted", False),
             intent=Intent.from_json(intent) if intent is not None else None,
             restart_policy=RestartPolicy(fields.get("restart_policy", RestartPolicy.NO.value)),
             keep_on_exit=_flag(fields, "keep_on_exit", False),
             restart_pending=_flag(fields, "restart_pending", False),
+            volumes=tuple(AttachedVolume.from_json(v) for v in _list(fields, "volumes")),
         )
+
+
+def _bandwidth(value: object) -> Bandwidth:
+    if value is None:
+        return Bandwidth()
+    try:
+        return Bandwidth.from_json(value)
+    except NetworkConfigError as error:
+        raise RecordInvalid(f"network: {error.message}") from error
+
+
+def _list(fields: Mapping[str, Any], key: str) -> list[Any]:
+    value = fields.get(key, [])
+    if not isinstance(value, list):
+        raise RecordInvalid(f"{key} must be a list")
+    return value
 
 
 def _object(value: object, label: str) -> dict[str, Any]:

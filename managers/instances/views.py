@@ -13,6 +13,7 @@ from managers.instances.context import Context, Live, log
 from managers.instances.types import Instance, InstanceRecord, InstanceState
 
 _S = InstanceState
+_NO_VMM = frozenset({_S.CREATED, _S.STOPPED, _S.STANDBY})
 
 
 def awake_state(live: Live) -> InstanceState:
@@ -85,6 +86,10 @@ async def state_view(ctx: Context, record: InstanceRecord, live: Live) -> Instan
 def snapshot(record: InstanceRecord, live: Live, current: InstanceState) -> Instance:
     """The instance in ``current`` state, without asking anything."""
     pid = live.vmm.pid if live.vmm is not None else None
+    if current in _NO_VMM:
+        # A VMM found dead by a reader while the lock's owner is still ending it: the state
+        # already says it is gone, so its pid must not say otherwise.
+        pid = None
     return Instance(
         id=record.id,
         name=record.name,

@@ -8,16 +8,27 @@ from managers.network.errors import (
     NetlinkFailure,
     NetworkConfigError,
     NetworkError,
+    ShapingError,
     TapError,
 )
 from managers.network.manager import NetworkManager
-from managers.network.types import TAP_PREFIX, Allocation, GuestNetwork, NetworkSettings
+from managers.network.types import (
+    TAP_PREFIX,
+    Allocation,
+    Bandwidth,
+    Forward,
+    GuestNetwork,
+    NetworkSettings,
+    Protocol,
+)
 
 __all__ = [
     "TAP_PREFIX",
     "AddressExhausted",
     "Allocation",
+    "Bandwidth",
     "BridgeConflict",
+    "Forward",
     "GuestNetwork",
     "InvalidAllocation",
     "NatError",
@@ -26,5 +37,7 @@ __all__ = [
     "NetworkError",
     "NetworkManager",
     "NetworkSettings",
+    "Protocol",
+    "ShapingError",
     "TapError",
 ]

@@ -7,9 +7,10 @@ from collections.abc import Set
 from ipaddress import IPv4Address, IPv4Network
 
 from managers.network.errors import AddressExhausted
-from managers.network.types import IFNAME_MAX, TAP_PREFIX
+from managers.network.types import IFB_PREFIX, IFNAME_MAX, TAP_PREFIX
 
 _TAP_HASH_CHARS = IFNAME_MAX - len(TAP_PREFIX)
+_IFB_HASH_CHARS = IFNAME_MAX - len(IFB_PREFIX)
 
 
 def tap_name(instance_id: str) -> str:
@@ -22,6 +23,14 @@ def tap_name(instance_id: str) -> str:
     """
     digest = hashlib.sha256(instance_id.encode()).hexdigest()
     return TAP_PREFIX + digest[:_TAP_HASH_CHARS]
+
+
+def ifb_name(instance_id: str) -> str:
+    """``dpb-`` plus 11 hex digits of the id's SHA-256: the device that shapes what the
+    instance sends (its TAP's ingress is redirected there), named like the TAP for the same
+    reasons."""
+    digest = hashlib.sha256(instance_id.encode()).hexdigest()
+    return IFB_PREFIX + digest[:_IFB_HASH_CHARS]
 
 
 def mac_for(address: IPv4Address) -> str:

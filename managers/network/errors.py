@@ -11,7 +11,8 @@ without one of its own answers with its parent's, ``network_error``::
     ├── AddressExhausted     no free address left in the subnet (addresses_exhausted)
     ├── InvalidAllocation    an allocation that does not fit the configured subnet
     ├── TapError             creating, attaching or deleting a TAP device failed
-    ├── NatError             installing or removing the outbound NAT rules failed
+    ├── NatError             installing or removing our nftables table failed
+    ├── ShapingError         a bandwidth limit could not be applied (tc)
     └── NetlinkFailure       any other netlink request the kernel refused
 """
 
@@ -53,6 +54,10 @@ class TapError(NetworkError):
 
 class NatError(NetworkError):
     """The nftables rules for outbound NAT could not be installed, inspected or removed."""
+
+
+class ShapingError(NetworkError):
+    """tc refused a qdisc, filter or IFB device that a bandwidth limit needs."""
 
 
 class NetlinkFailure(NetworkError):

@@ -11,17 +11,21 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 import anyio
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from managers.network.errors import BridgeConflict, NetlinkFailure, TapError
+from managers.network import shaping
+from managers.network.errors import BridgeConflict, NetlinkFailure, ShapingError, TapError
+from managers.network.types import Bandwidth
 
 # IFF_UP from <linux/if.h>: the administrative "up" flag.
 IFF_UP = 0x1
+# RTN_LOCAL from <linux/rtnetlink.h>: a route to one of the host's own addresses.
+_RTN_LOCAL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,17 @@ class Links:
         async with self._lock:
             ipr = await self._route()
             return [_link_info(message) async for message in await ipr.link("dump")]
+
+    async def is_local(self, address: IPv4Address) -> bool:
+        """Whether the kernel delivers packets for ``address`` to this host (a route of type
+        ``local``: one of its addresses; not a broadcast, not a neighbour)."""
+        async with self._lock:
+            ipr = await self._route()
+            try:
+                routes = await ipr.route("get", dst=str(address))
+            except NetlinkError:
+                return False  # no route at all
+            return any(route["type"] == _RTN_LOCAL for route in routes)
 
     # -- the bridge -----------------------------------------------------------------------
     async def ensure_bridge(self, name: str, gateway: IPv4Interface, mac: str) -> int:
@@ -151,6 +166,18 @@ class Links:
                     ) from exc
                 raise
             return index
+
+    async def shape(self, tap: str, ifb: str, bandwidth: Bandwidth) -> None:
+        """Make the TAP (and its IFB) enforce ``bandwidth``; see ``shaping.py``."""
+        async with self._lock:
+            ipr = await self._route()
+            index = _index_of(await ipr.link_lookup(ifname=tap), tap)
+            try:
+                await shaping.apply(ipr, index, ifb, bandwidth)
+            except (NetlinkError, OSError) as exc:
+                raise ShapingError(
+                    f"cannot apply bandwidth limits {bandwidth.to_json()} to {tap}: {exc}"
+                ) from exc
 
     async def delete(self, name: str) -> bool:
         """Delete the link if present; ``False`` when there was nothing to delete."""

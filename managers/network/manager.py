@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from managers.network import nat
-from managers.network.addressing import mac_for, reserved_addresses, tap_name
+import anyio
+
+from managers.network import flows, table
+from managers.network.addressing import ifb_name, mac_for, reserved_addresses, tap_name
 from managers.network.allocator import AddressAllocator
 from managers.network.errors import InvalidAllocation, NetworkError, TapError
 from managers.network.links import Links
-from managers.network.types import TAP_PREFIX, Allocation, GuestNetwork, NetworkSettings
+from managers.network.types import (
+    IFB_PREFIX,
+    TAP_PREFIX,
+    Allocation,
+    Bandwidth,
+    Forward,
+    GuestNetwork,
+    NetworkSettings,
+)
+
+log = logging.getLogger(__name__)
 
 
 class NetworkManager:
@@ -29,7 +42,7 @@ class NetworkManager:
         await net.close()                            # service stop: netlink socket closed;
                                                      # bridge, NAT and TAPs stay
 
-    The bridge, the NAT table and live TAPs outlive the service on purpose: VMMs keep running
+    The bridge, our nftables table and live TAPs outlive the service on purpose: VMMs keep running
     across a restart of the agent, and their TAPs with them.
     """
 
@@ -38,6 +51,11 @@ class NetworkManager:
         self._links = Links()
         self._allocator = AddressAllocator(settings)
         self._bridge_index: int | None = None
+        self._forwards: tuple[Forward, ...] = ()
+        # Whether the table this process installed last holds forwards: then an empty publish
+        # must still rewrite it, network started or not.
+        self._table_forwards = False
+        self._table_lock = anyio.Lock()
 
     @property
     def settings(self) -> NetworkSettings:
@@ -50,23 +68,25 @@ class NetworkManager:
         return tap_name(instance_id)
 
     async def start(self, known_instance_ids: Iterable[str]) -> list[str]:
-        """Create or adopt the bridge, install or remove NAT, delete orphan TAPs.
+        """Create or adopt the bridge, install our nftables table (NAT as configured, the
+        forwards last published) or remove it, delete orphan TAPs and IFBs.
 
-        ``known_instance_ids`` are the instances that exist on disk; any TAP carrying our prefix
-        whose name matches none of them was left by a crash (e.g. between TAP creation and the
-        metadata write) and is deleted. Returns the names of the TAPs removed. A bridge conflict
-        is raised before anything is changed.
+        ``known_instance_ids`` are the instances that exist on disk; any TAP or IFB carrying
+        our prefix whose name matches none of them was left by a crash (e.g. between TAP
+        creation and the metadata write) and is deleted. Returns the names of the links
+        removed. A bridge conflict is raised before anything is changed.
         """
         settings = self._settings
         gateway = IPv4Interface(f"{settings.gateway}/{settings.subnet.prefixlen}")
         self._bridge_index = await self._links.ensure_bridge(
             settings.bridge_name, gateway, mac_for(settings.gateway)
         )
-        if settings.nat:
-            await nat.install(settings.subnet, settings.bridge_name)
-        else:
-            await nat.remove()
-        return await self._remove_orphans({tap_name(iid) for iid in known_instance_ids})
+        async with self._table_lock:
+            await self._install(self._forwards)
+        known = list(known_instance_ids)
+        return await self._remove_orphans(
+            {tap_name(iid) for iid in known} | {ifb_name(iid) for iid in known}
+        )
 
     async def allocate(
         self, instance_id: str, taken: Iterable[IPv4Address | IPv4Interface | str]
@@ -81,12 +101,19 @@ class NetworkManager:
         await self._allocator.release(instance_id)
 
     async def create_tap(
-        self, instance_id: str, allocation: Allocation, *, queue_pairs: int = 1
+        self,
+        instance_id: str,
+        allocation: Allocation,
+        *,
+        queue_pairs: int = 1,
+        bandwidth: Bandwidth | None = None,
     ) -> str:
-        """Create the instance's TAP, attached to the bridge, up, isolated if configured.
+        """Create the instance's TAP, attached to the bridge, up, isolated if configured, and
+        limited to ``bandwidth``.
 
         ``queue_pairs`` must match the VMM's virtio-net queue pairs: more than one makes a
-        multi-queue TAP. Any leftover link with the same name is replaced. Returns the name.
+        multi-queue TAP. Any leftover link with the same name is replaced. A limit that
+        cannot be applied removes the TAP again. Returns the name.
         """
         if self._bridge_index is None:
             raise NetworkError("the network manager is not started: call start() first")
@@ -100,11 +127,55 @@ class NetworkManager:
             isolated=self._settings.isolation,
             multi_queue=queue_pairs > 1,
         )
+        if bandwidth is not None and bandwidth.limited:
+            try:
+                await self._links.shape(name, ifb_name(instance_id), bandwidth)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.delete_tap(instance_id)
+                raise
         return name
 
+    async def shape(self, instance_id: str, bandwidth: Bandwidth) -> None:
+        """Limit a running instance's TAP to ``bandwidth`` (no limit lifts one)."""
+        await self._links.shape(tap_name(instance_id), ifb_name(instance_id), bandwidth)
+
+    async def publish(self, forwards: Sequence[Forward]) -> None:
+        """Make the table forward exactly ``forwards`` (one nft transaction, NAT kept), and
+        forget the flows the change redirects (``flows.py``)."""
+        new = tuple(forwards)
+        async with self._table_lock:
+            old = self._forwards
+            # Before the network's first use there is nothing of ours to change unless there
+            # is something to forward: a node that never asks for a network is never touched.
+            if self._bridge_index is not None or new or self._table_forwards:
+                await self._install(new)
+            self._forwards = new
+        removed = [f for f in old if f not in new]
+        added = [f for f in new if f not in old]
+        try:
+            await flows.forget(removed, added)
+        except Exception as error:
+            # The rules are right; flows already under way just keep their old fate.
+            log.warning("could not forget the conntrack entries of changed forwards: %s", error)
+
+    async def _install(self, forwards: tuple[Forward, ...]) -> None:
+        """Under the table lock."""
+        settings = self._settings
+        await table.install(
+            settings.subnet, settings.bridge_name, nat=settings.nat, forwards=forwards
+        )
+        self._table_forwards = bool(forwards)
+
+    async def is_local(self, address: IPv4Address) -> bool:
+        """Whether ``address`` is one of this host's (what a forward may listen on)."""
+        return await self._links.is_local(address)
+
     async def delete_tap(self, instance_id: str) -> None:
-        """Remove the instance's TAP; doing so when it is already gone is not an error."""
+        """Remove the instance's TAP (its qdiscs go with it) and its IFB; doing so when they
+        are already gone is not an error."""
         await self._links.delete(tap_name(instance_id))
+        await self._links.delete(ifb_name(instance_id))
 
     def bridge_exists(self) -> bool:
         """Whether the host bridge is there already (made by an earlier run)."""
@@ -121,14 +192,18 @@ class NetworkManager:
         )
 
     async def close(self) -> None:
-        """Close the netlink socket; the bridge, the NAT table and the TAPs stay."""
+        """Close the netlink socket; the bridge, our nftables table and the TAPs stay."""
         await self._links.close()
 
     async def _remove_orphans(self, expected: set[str]) -> list[str]:
         removed: list[str] = []
         for link in await self._links.list_links():
-            # Only TAP devices ("tun" kind) with our prefix are ours; anything else is left be.
-            if link.kind != "tun" or not link.name.startswith(TAP_PREFIX):
+            # Only TAP devices ("tun" kind) and IFBs with our prefixes are ours; anything else
+            # is left be.
+            ours = (link.kind == "tun" and link.name.startswith(TAP_PREFIX)) or (
+                link.kind == "ifb" and link.name.startswith(IFB_PREFIX)
+            )
+            if not ours:
                 continue
             if link.name in expected:
                 continue

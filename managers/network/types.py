@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from managers.network.errors import InvalidAllocation, NetworkConfigError
 
 #: Every TAP this manager creates starts with this; start-up only ever removes TAPs named so.
 TAP_PREFIX = "dp-"
+#: Every IFB device (the shaper of what an instance sends) starts with this; start-up only ever
+#: removes IFBs named so. ``dpb-`` does not start with ``dp-``, so the two never mix.
+IFB_PREFIX = "dpb-"
 #: Linux interface names hold at most 15 characters (IFNAMSIZ - 1).
 IFNAME_MAX = 15
 
@@ -122,3 +126,67 @@ class GuestNetwork:
             "dns": str(self.dns),
             "mac": self.mac,
         }
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One host port forwarded to a guest port, by DNAT in our nftables table.
+
+    ``listen`` is the host address it answers on; ``None`` means every local address
+    (including 127.0.0.1, for connections made on the host itself). ``tag`` names the
+    rule in its comment, so ``nft list`` shows whose it is.
+    """
+
+    tag: str
+    protocol: Protocol
+    listen: IPv4Address | None
+    host_port: int
+    target: IPv4Address
+    guest_port: int
+
+
+#: tbf keeps its rate in a 32-bit count of bytes a second: 34,359 Mbit/s at most.
+MAX_MBPS = 32000
+
+
+@dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """An instance's limits in Mbit/s, as the guest sees them: ``ingress_mbps`` what it
+    receives, ``egress_mbps`` what it sends. ``None`` is no limit."""
+
+    ingress_mbps: int | None = None
+    egress_mbps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ingress_mbps", "egress_mbps"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_MBPS
+            ):
+                raise NetworkConfigError(
+                    f"bandwidth {name} must be a whole number of Mbit/s from 1 to {MAX_MBPS}, "
+                    f"not {value!r}"
+                )
+
+    @property
+    def limited(self) -> bool:
+        return self.ingress_mbps is not None or self.egress_mbps is not None
+
+    def to_json(self) -> dict[str, int | None]:
+        return {"ingress_mbps": self.ingress_mbps, "egress_mbps": self.egress_mbps}
+
+    @classmethod
+    def from_json(cls, data: object) -> Bandwidth:
+        """Parse ``{"ingress_mbps"?: N|null, "egress_mbps"?: N|null}``; anything else is a
+        :class:`NetworkConfigError` whose message says what is wrong."""
+        if not isinstance(data, Mapping):
+            raise NetworkConfigError("bandwidth must be an object")
+        unknown = sorted(set(data) - {"ingress_mbps", "egress_mbps"})
+        if unknown:
+            raise NetworkConfigError(f"bandwidth has unknown field(s): {', '.join(unknown)}")
+        return cls(data.get("ingress_mbps"), data.get("egress_mbps"))

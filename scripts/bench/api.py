@@ -10,6 +10,11 @@ of 200 instances: the contract as served (jsonschema-rs first) against the same
 contract with every schema left to jsonschema (``Contract(fast=False)``), and the
 ratio.
 
+Last, the node endpoints on a server running 20 and then 200 instances on the Cloud Hypervisor
+simulator: p50 and p99 of ``GET /metrics`` and ``GET /resources`` (target: p50 under 10 ms
+with 200 instances), each against ``GET /health`` and ``GET /instances`` measured in the same
+rounds. Skipped, with the reason, when the simulator's reference spec is absent.
+
     .venv/bin/python scripts/bench/api.py [--requests N]
 """
 
@@ -41,9 +46,16 @@ from managers.instances.types import (
     InstanceState,
     NetworkRecord,
 )
+from tests.support.apps import COUNTER, push_app
+from tests.support.artifacts import shared_artifacts
+from tests.support.ch_simulator import WRAPPER as SIMULATOR
+from tests.support.ch_simulator.spec import missing_spec_reason
+from tests.support.registry import running_registry
 from tests.support.server import run_server
 
 ENDPOINTS = ("/health", "/spec.json")
+NODE_ENDPOINTS = ("/health", "/instances", "/metrics", "/resources")
+NODE_TARGET_MS = 10.0
 
 
 def measure(client: httpx.Client, path: str, count: int) -> list[float]:
@@ -119,6 +131,88 @@ def list_check_ms(contract: Contract, count: int, rounds: int = 60) -> float:
     return statistics.median(samples) * 1e3
 
 
+def node_section(counts: tuple[int, ...], requests: int) -> bool:
+    """/metrics and /resources with ``counts`` simulator instances; True when over target."""
+    reason = missing_spec_reason()
+    if reason is not None:
+        print(f"\nnode endpoints: skipped ({reason})")
+        return False
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="api-bench-") as tmp:
+        root = Path(tmp)
+        artifacts = shared_artifacts()
+        with running_registry(root / "registry") as registry:
+            image = push_app(
+                registry.host,
+                "bench/counter",
+                {"/app/counter": COUNTER},
+                entrypoint=["/app/counter"],
+            )
+            env = {
+                "HYPERVISOR": "cloud-hypervisor",
+                "CLOUD_HYPERVISOR_BIN": str(SIMULATOR),
+                "CH_SIMULATOR_VIOLATIONS": str(root / "ch-violations.log"),
+                "INSECURE_REGISTRIES": registry.host,
+                "KERNEL_PATH": str(artifacts.bzimage),
+                "INITRD_PATH": str(artifacts.initrd),
+                "LOG_LEVEL": "warning",
+                # 200 one-vCPU instances on a small host: room for all of them.
+                "CPU_OVERSUB_RATIO": "1000",
+            }
+            with (
+                run_server(root / "data", env) as server,
+                httpx.Client(base_url=server.url, timeout=120) as client,
+            ):
+                client.post("/images", json={"name": image}).raise_for_status()
+                deadline = time.monotonic() + 300
+                while client.get(f"/images/{image.replace('/', '%2F')}").json()["status"] != (
+                    "ready"
+                ):
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the benchmark image did not build")
+                    time.sleep(0.2)
+                made = 0
+                print("\nnode endpoints on the Cloud Hypervisor simulator (ms)")
+                print(f"{'instances':>9} {'endpoint':<11} {'p50':>7} {'p99':>7} "
+                      f"{'/health':>8} {'/instances':>11}")  # fmt: skip
+                for count in counts:
+                    while made < count:
+                        answer = client.post(
+                            "/instances",
+                            json={"name": f"sim-{made}", "image": image, "memory_mb": 64,
+                                  "overlay_size_mb": 64},
+                        )  # fmt: skip
+                        if answer.status_code != 201:
+                            raise SystemExit(f"create answered {answer.status_code}: {answer.text}")
+                        made += 1
+                    samples: dict[str, list[float]] = {path: [] for path in NODE_ENDPOINTS}
+                    for path in NODE_ENDPOINTS:
+                        measure(client, path, 20)  # warm-up
+                    for _ in range(10):
+                        for path in NODE_ENDPOINTS:
+                            samples[path].extend(measure(client, path, max(1, requests // 10)))
+                    p50 = {path: percentile(s, 0.5) * 1e3 for path, s in samples.items()}
+                    for path in ("/metrics", "/resources"):
+                        p99 = percentile(samples[path], 0.99) * 1e3
+                        over = count >= 200 and p50[path] >= NODE_TARGET_MS
+                        failed |= over
+                        verdict = ""
+                        if count >= 200:
+                            verdict = "  (target p50 < 10 ms: " + ("OVER" if over else "ok") + ")"
+                        print(
+                            f"{count:>9} {path:<11} {p50[path]:7.2f} {p99:7.2f} "
+                            f"{p50[path] / p50['/health']:7.1f}x "
+                            f"{p50[path] / p50['/instances']:10.2f}x{verdict}"
+                        )
+                    print(
+                        f"{count:>9} {'(baseline)':<11} /health p50 {p50['/health']:.2f}, "
+                        f"/instances p50 {p50['/instances']:.2f}"
+                    )
+                for instance in client.get("/instances").json():
+                    client.delete(f"/instances/{instance['id']}")
+    return failed
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -128,6 +222,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=3000, help="per endpoint and mode")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--node-requests", type=int, default=200, help="per node endpoint")
     args = parser.parse_args()
     per_round = max(1, args.requests // args.rounds)
 
@@ -183,6 +278,7 @@ def main() -> int:
     for count in (20, 200):
         slow, fast = list_check_ms(reference, count), list_check_ms(served, count)
         print(f"{count:>9} {slow:14.3f} {fast:10.3f} {fast / slow:7.3f}")
+    failed |= node_section((20, 200), args.node_requests)
     return 1 if failed else 0
 
 

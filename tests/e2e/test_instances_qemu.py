@@ -23,6 +23,7 @@ import pytest
 from tests.integration.test_instances_api import Source, gone, pid_alive, wait_ready
 from tests.support.apps import COUNTER, push_app
 from tests.support.artifacts import shared_artifacts
+from tests.support.metrics import Samples, scrape
 from tests.support.registry import running_registry
 from tests.support.server import RunningServer, run_server
 
@@ -333,3 +334,52 @@ def test_stop_is_graceful_then_start_boots_again(live: Live) -> None:
     assert started.status_code == 200, started.text
     assert wait_state(client, instance_id, "Running")["exit_code"] is None
     assert client.delete(f"/instances/{instance_id}").status_code == 204
+
+
+def test_metrics_follow_a_real_create_pause_and_delete(live: Live) -> None:
+    client = live.client
+    before = scrape(client)
+    # The module's image was pulled from the registry and built by this server.
+    assert before[("dataplane_image_pull_duration_seconds_count", frozenset())] >= 1
+    assert before[("dataplane_image_pulled_bytes_total", frozenset())] > 0
+    assert before[("dataplane_images", frozenset({("status", "ready")}))] >= 1
+
+    def count(samples: Samples, **labels: str) -> float:
+        key = ("dataplane_instance_operation_duration_seconds_count", frozenset(labels.items()))
+        return samples.get(key, 0.0)
+
+    running_before = before[("dataplane_instances", frozenset({("state", "Running")}))]
+    created = client.post(
+        "/instances", json={"name": "metered", "image": live.source.image, "memory_mb": 256}
+    )
+    assert created.status_code == 201, created.text
+    instance_id = created.json()["id"]
+    wait_state(client, instance_id, "Running")
+    assert client.post(f"/instances/{instance_id}/pause").status_code == 200
+    during = scrape(client)
+    assert count(during, operation="create") == count(before, operation="create") + 1
+    assert count(during, operation="pause") == count(before, operation="pause") + 1
+    assert during[("dataplane_instances", frozenset({("state", "Paused")}))] >= 1
+    assert during[("dataplane_instances", frozenset({("state", "Running")}))] == running_before
+    ours = frozenset({("instance_id", instance_id)})
+    assert during[("dataplane_vmm_cpu_seconds_total", ours)] > 0
+    # QEMU maps the guest's memory; what it touched is resident.
+    assert during[("dataplane_vmm_resident_memory_bytes", ours)] > 16 << 20
+    created_key = (
+        "dataplane_http_requests_total",
+        frozenset({("method", "POST"), ("route", "/instances"), ("status", "201")}),
+    )
+    assert during[created_key] == before.get(created_key, 0.0) + 1
+    assert during[("dataplane_log_written_bytes_total", frozenset({("source", "app")}))] > 0
+    assert client.delete(f"/instances/{instance_id}").status_code == 204
+    after = scrape(client)
+    assert ("dataplane_vmm_cpu_seconds_total", ours) not in after
+    assert (
+        after[("dataplane_instances", frozenset({("state", "Paused")}))]
+        == during[("dataplane_instances", frozenset({("state", "Paused")}))] - 1
+    )
+    deleted_key = (
+        "dataplane_http_requests_total",
+        frozenset({("method", "DELETE"), ("route", "/instances/{id}"), ("status", "204")}),
+    )
+    assert after[deleted_key] == during.get(deleted_key, 0.0) + 1

@@ -61,7 +61,9 @@ def test_readyz_is_503_outside_the_lifespan(app: Litestar) -> None:
     # Without entering the client's context the lifespan never ran: not ready.
     client = TestClient(app)
     assert_error(client.get("/readyz"), 503, "unavailable")
-    assert client.get("/health").json()["status"] == "starting"
+    body = client.get("/health").json()
+    assert body["status"] == "starting"
+    assert body["guest"] == {"status": "preparing", "error": None}
 
 
 def test_spec_yaml_is_served_byte_for_byte(client: TestClient[Litestar]) -> None:

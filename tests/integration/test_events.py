@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.integration.test_instances_api import server_env, wait_ready
 from tests.support.apps import COUNTER, push_app
+from tests.support.metrics import scrape
 from tests.support.oci_builder import Pusher, make_image
 from tests.support.registry import running_registry
 from tests.support.server import free_port, run_server
@@ -181,6 +182,20 @@ def test_every_change_is_delivered_signed_in_order_and_streamed(
             assert [e["id"] for e in page["events"]] == [e["id"] for e in delivered]
             assert page["webhooks"][0]["delivered"] == len(delivered)
             assert page["webhooks"][0]["failed_attempts"] == 2
+            # The same counts in /metrics, with the receiver's URL as the endpoint label.
+            endpoint = ("endpoint", receiver.url)
+            deliveries = "dataplane_webhook_deliveries_total"
+            metrics = scrape(client)
+            assert metrics[(deliveries, frozenset({endpoint, ("result", "delivered")}))] == len(
+                delivered
+            )
+            assert metrics[(deliveries, frozenset({endpoint, ("result", "failed")}))] == 2
+            assert metrics[(deliveries, frozenset({endpoint, ("result", "dropped")}))] == 0
+            depth = ("dataplane_webhook_outbox_depth", frozenset({endpoint}))
+            deadline = time.monotonic() + BOUND
+            while scrape(client)[depth] != 0:  # the cursor moves just after each delivery
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             resume_from = delivered[2]["id"]
             streamed = read_stream(server.url, {"Last-Event-ID": resume_from}, len(delivered) - 3)
             assert [e["id"] for e in streamed] == [e["id"] for e in delivered[3:]]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,7 +30,9 @@ from managers.images import (
     RegistryAuthFailed,
     RegistryUnreachable,
 )
+from managers.images.registry import Stopped
 from managers.images.types import Image
+from managers.images.unpack import Unpacker
 from managers.paths import Paths
 from tests.support.oci_builder import (
     STANDARD_TREE,
@@ -226,8 +231,10 @@ async def test_pull_builds_an_erofs_disk_matching_the_layers(
     assert await manager.get(image.digest) == image
     assert [i.digest for i in await manager.list()] == [image.digest]
 
-    # Nothing temporary is left behind.
-    assert list(_scratch(tmp_path / "data").iterdir()) == []
+    # Nothing temporary is left behind, and the RAM scratch is root's alone.
+    assert list(_scratch(tmp_path / "data").rglob("*.rootfs")) == []
+    for private in _scratch(tmp_path / "data").iterdir():
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
     paths = Paths(tmp_path / "data")
     assert [p.name for p in paths.tmp.iterdir()] == ["blobs"]
     assert list((paths.tmp / "blobs").iterdir()) == []
@@ -437,10 +444,10 @@ async def test_restart_resumes_interrupted_builds_and_cleans_up(
     leftover = paths.tmp / "crashed.rootfs"
     leftover.mkdir()
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    in_ram = _scratch(root) / f"dataplane-images-{key}-crashed.rootfs"
-    in_ram.mkdir()
-    someone_else = _scratch(root) / "dataplane-images-0123456789ab-other.rootfs"
-    someone_else.mkdir()
+    in_ram = _scratch(root) / f"dataplane-images-{key}" / "crashed.rootfs"
+    in_ram.mkdir(parents=True)
+    someone_else = _scratch(root) / "dataplane-images-0123456789ab" / "other.rootfs"
+    someone_else.mkdir(parents=True)
     (paths.image_dir(requested.digest) / ".rootfs.erofs.123.tmp").write_bytes(b"half")
 
     async with _manager(root, registry) as manager:
@@ -483,12 +490,68 @@ async def test_unpack_falls_back_to_disk_when_ram_scratch_fills(
             requested = await manager.request(f"{registry.host}/test/understated:v1")
             ready, _ = await _finish(manager, requested.digest)
             assert ready.status == ImageStatus.READY, ready.error
-            assert list(ram.iterdir()) == []
+            assert list(ram.rglob("*.rootfs")) == []
             assert ready.size is not None
             assert ready.size > 70 << 20
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.run_process(["umount", str(ram)])
+
+
+def _sparse_layer(tmp: Path, apparent: int) -> tuple[bytes, str]:
+    """A gzip layer (a few hundred bytes) holding one GNU-sparse file of ``apparent`` bytes."""
+    tree = tmp / "sparse-tree"
+    tree.mkdir()
+    with (tree / "hole").open("wb") as handle:
+        handle.truncate(apparent)
+    tar = tmp / "sparse.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(tar), "-C", str(tree), "hole"],
+        check=True,
+    )
+    raw = tar.read_bytes()
+    return gzip.compress(raw, mtime=0), sha256(raw)
+
+
+async def test_a_sparse_bomb_is_refused_before_a_byte_is_written(
+    tmp_path: Path, registry: LocalRegistry, pusher: Pusher, standard: BuiltImage
+) -> None:
+    blob, diff_id = _sparse_layer(tmp_path, 2 << 30)
+    assert len(blob) < 4096
+    pusher.image("test/sparse", "v1", make_image([(blob, diff_id)]))
+    root = tmp_path / "data"
+    async with _manager(root, registry, max_unpacked_bytes=1 << 30) as manager:
+        requested = await manager.request(f"{registry.host}/test/sparse:v1")
+        failed, _ = await _finish(manager, requested.digest)
+        assert failed.status == ImageStatus.FAILED
+        assert failed.error is not None
+        assert "IMAGE_MAX_UNPACKED_BYTES" in failed.error
+        assert list(_scratch(root).rglob("*.rootfs")) == []
+        assert [p.name for p in Paths(root).tmp.iterdir()] == ["blobs"]
+        # A later good pull works.
+        good = await manager.request(f"{registry.host}/test/standard:v1")
+        ready, _ = await _finish(manager, good.digest)
+        assert ready.status == ImageStatus.READY
+
+
+def test_a_cancel_stops_in_the_middle_of_a_big_entry(tmp_path: Path) -> None:
+    layer = tmp_path / "big.tar"
+    with tarfile.open(layer, "w") as tar:
+        info = tarfile.TarInfo("big")
+        info.size = 64 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    unpacker = Unpacker(tmp_path / "tree")
+    consumed = 0
+
+    def on_bytes(count: int) -> None:
+        nonlocal consumed
+        consumed += count
+        if consumed > 4 << 20:
+            unpacker.stop.set()  # a delete arrives while the entry is being copied
+
+    with pytest.raises(Stopped):
+        unpacker.apply(layer, "none", on_bytes)
+    assert (tmp_path / "tree" / "big").stat().st_size < 64 << 20
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])
@@ -537,7 +600,7 @@ async def test_delete_cancels_a_build_and_subscribers_see_it(
         assert last.error == "deleted"
         assert await manager.list() == []
         assert not Paths(root).image_dir(requested.digest).exists()
-        assert list(_scratch(root).iterdir()) == []
+        assert list(_scratch(root).rglob("*.rootfs")) == []
         assert list((Paths(root).oci_layout / "blobs/sha256").iterdir()) == []
 
 
@@ -554,3 +617,33 @@ async def test_sweeper_evicts_unused_images(
             await anyio.sleep(0.1)
         with pytest.raises(ImageNotFound):
             await manager.get(name)
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.finished: list[tuple[float, int, float]] = []
+        self.failed: list[str] = []
+
+    def build_finished(self, pull_seconds: float, pulled_bytes: int, total_seconds: float) -> None:
+        self.finished.append((pull_seconds, pulled_bytes, total_seconds))
+
+    def build_failed(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+async def test_the_observer_hears_how_each_build_ended(
+    registry: LocalRegistry, pusher: Pusher, standard: BuiltImage, tmp_path: Path
+) -> None:
+    junk = b"\x1f\x8b" + os.urandom(4000)
+    pusher.image("test/observed-junk", "v1", make_image([(junk, sha256(junk))]))
+    observer = _Observer()
+    async with _manager(tmp_path / "data", registry, observer=observer) as manager:
+        good = await manager.request(f"{registry.host}/test/standard:v1")
+        assert (await _finish(manager, good.digest))[0].status == ImageStatus.READY
+        bad = await manager.request(f"{registry.host}/test/observed-junk:v1")
+        assert (await _finish(manager, bad.digest))[0].status == ImageStatus.FAILED
+    [(pull_seconds, pulled, total_seconds)] = observer.finished
+    assert 0 < pull_seconds <= total_seconds
+    assert pulled == sum(len(blob) for blob in standard.layers)
+    # A code of the errors' fixed set, never the free-text reason.
+    assert observer.failed == ["image_build_failed"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from managers.images import ImageManager, ImageStatus, InvalidArchive
 from managers.paths import Paths
+from tests.support.artifacts import shared_artifacts
 from tests.support.oci_builder import (
     STANDARD_TREE,
     LayerBuilder,
@@ -22,6 +25,7 @@ from tests.support.oci_builder import (
     standard_layers,
     write_oci_archive,
 )
+from tests.support.server import import_image, run_server, wait_guest_settled
 
 pytestmark = [
     pytest.mark.anyio,
@@ -145,3 +149,98 @@ async def test_corrupt_or_incomplete_archives_are_refused(
     with pytest.raises(InvalidArchive, match=r"index\.json"):
         await manager.import_archive(_chunks(no_index))
     assert _snapshot(data_root) == before
+
+
+def _with_sparse_member(archive: Path, tmp: Path, apparent: int) -> Path:
+    """``archive`` again, by GNU tar, with a sparse member of ``apparent`` bytes added (a few
+    hundred bytes in the archive)."""
+    tree = tmp / "sparse-tree"
+    with tarfile.open(archive) as source:
+        source.extractall(tree, filter="data")
+    with (tree / "hole").open("wb") as handle:
+        handle.truncate(apparent)
+    out = tmp / "sparse.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(tree),
+         *sorted(p.name for p in tree.iterdir())],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+async def test_an_archive_that_would_stage_more_than_it_holds_is_refused(
+    manager: ImageManager, tmp_path: Path
+) -> None:
+    image = make_image([LayerBuilder().file("f", os.urandom(64)).build()])
+    data_root = tmp_path / "data"
+    before = _snapshot(data_root)
+
+    plain = tmp_path / "plain.tar"
+    write_oci_archive(plain, image)
+    sparse = _with_sparse_member(plain, tmp_path, 2 << 30)
+    assert sparse.stat().st_size < 1 << 20
+    with pytest.raises(InvalidArchive, match="sparse"):
+        await manager.import_archive(_chunks(sparse))
+
+    # A gzip bomb: 256 MB of zeros in a member of an archive of a few hundred kilobytes.
+    bomb = tmp_path / "bomb.tar"
+    write_oci_archive(bomb, image, extra=[_zeros("padding", 256 << 20)])
+    squeezed = tmp_path / "bomb.tar.gz"
+    squeezed.write_bytes(gzip.compress(bomb.read_bytes(), compresslevel=1))
+    assert squeezed.stat().st_size < 2 << 20
+    with pytest.raises(InvalidArchive, match="more bytes than the whole archive"):
+        await manager.import_archive(_chunks(squeezed))
+    assert _snapshot(data_root) == before
+
+
+def _zeros(name: str, size: int) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info, bytes(size)
+
+
+@pytest.mark.parametrize("kernel", ["vmlinux", "bzimage"])
+def test_a_full_disk_during_an_import_is_507_and_leaves_nothing(
+    tmp_path: Path, kernel: str
+) -> None:
+    """With a bzImage the server also unpacks its vmlinux into the small DATA_DIR at start-up,
+    which runs out of room too: the guest is then unavailable, the server keeps serving."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give the server a small private tmpfs")
+    data = tmp_path / "data"
+    data.mkdir()
+    # The server alone sees a 32 MB tmpfs as its DATA_DIR, in a mount namespace of its own.
+    mount = f'mount -t tmpfs -o size=32m,mode=0700 tmpfs "{data}" && exec "$@"'
+    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh"]
+    artifacts = shared_artifacts()
+    env = {
+        "KERNEL_PATH": str(getattr(artifacts, kernel)),
+        "INITRD_PATH": str(artifacts.initrd),
+    }
+    big = make_image([LayerBuilder().file("noise", os.urandom(48 << 20)).build()])
+    archive = tmp_path / "big.tar"
+    write_oci_archive(archive, big)
+    small = make_image([LayerBuilder().file("f", os.urandom(64)).build()])
+    fits = tmp_path / "small.tar"
+    write_oci_archive(fits, small)
+    with run_server(data, env, wrapper=wrapper) as server, server.client(60) as client:
+        # Extracting a bzImage's vmlinux runs out of room on its own; that must be over before
+        # the imports, or it would take the room the small import needs.
+        guest = wait_guest_settled(client)
+        if kernel == "bzimage":
+            assert guest["status"] == "unavailable", guest
+            assert "No space left" in guest["error"], guest
+        else:
+            assert guest == {"status": "ready", "error": None}
+        refused = client.post(
+            "/images/import",
+            content=archive.read_bytes(),
+            headers={"content-type": "application/x-tar"},
+        )
+        assert refused.status_code == 507, refused.text
+        assert refused.json()["code"] == "insufficient_storage"
+        # What the server sees: nothing of the import is left in its DATA_DIR.
+        seen = Path(f"/proc/{server.process.pid}/root") / str(data).lstrip("/")
+        assert [p.name for p in (seen / "system" / "tmp").iterdir()] == ["blobs"]
+        assert client.get("/images").json() == []
+        assert import_image(client, fits, 60) == small.manifest_digest

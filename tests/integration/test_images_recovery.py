@@ -116,7 +116,8 @@ def _instance_record(paths: Paths, instance_id: str, image: Image | None) -> Pat
 
 def _scratch_leftovers(root: Path) -> list[Path]:
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    return sorted(DEFAULT_SCRATCH.glob(f"dataplane-images-{key}-*"))
+    private = DEFAULT_SCRATCH / f"dataplane-images-{key}"
+    return sorted(private.iterdir()) if private.is_dir() else []
 
 
 # -- 1. quarantine, never delete ------------------------------------------------------------

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from managers.instances.logs import SegmentedLog
 from tests.support.apps import COUNTER, push_app
 from tests.support.artifacts import shared_artifacts
 from tests.support.registry import running_registry
@@ -54,6 +55,8 @@ def server_env(tmp: Path, registry_host: str) -> dict[str, str]:
         "KERNEL_PATH": str(artifacts.bzimage),
         "INITRD_PATH": str(artifacts.initrd),
         "SSE_KEEPALIVE_SECONDS": "1",
+        # The smallest retention, so a test can rotate a log away with a few megabytes.
+        "LOG_RETENTION_BYTES": str(1 << 20),
     }
 
 
@@ -438,6 +441,68 @@ def test_a_damaged_vmm_record_shows_unknown_and_stop_ends_the_vmm(
         assert client.post(f"/instances/{running['id']}/start").status_code == 200
         assert client.delete(f"/instances/{running['id']}").status_code == 204
     assert not (data_dir / "quarantine").exists()
+
+
+def test_an_image_stream_ends_for_good_under_eventsource_rules(world: World) -> None:
+    url = f"/images/{quote(world.image, safe='')}/events"
+    body = world.client.get(url).text
+    blocks = [block.splitlines() for block in body.split("\n\n") if block.strip()]
+    assert blocks[0][0].startswith("retry: ")
+    assert blocks[-1][:2] == ["id: ready", "event: image"]
+    assert json.loads(blocks[-1][2].removeprefix("data: "))["status"] == "ready"
+    # What an EventSource does after the stream ends: reconnect with the last id. 204 stops it.
+    again = world.client.get(url, headers={"Last-Event-ID": "ready"})
+    assert again.status_code == 204, again.text
+    # A client that left before the end still gets it.
+    behind = world.client.get(url, headers={"Last-Event-ID": "pulling.2"})
+    assert behind.status_code == 200
+    assert "id: ready" in behind.text
+
+
+def test_a_resume_is_told_of_a_gap_starts_at_a_line_and_ends_with_204(world: World) -> None:
+    instance = create(world, "rotated").json()
+    assert world.client.post(f"/instances/{instance['id']}/stop").status_code == 200
+    # Nothing writes the stopped instance's app log now; fill it as its pump would, past the
+    # 1 MiB retention the server runs with.
+    log = SegmentedLog(
+        world.data_dir / "instances" / instance["id"] / "logs", "app", retention_bytes=1 << 20
+    )
+    for n in range(30_000):
+        log.append(f"line {n:05d} ".encode() + b"x" * 88 + b"\n")
+    url = f"/instances/{instance['id']}/logs"
+
+    body = world.client.get(url, headers={"Last-Event-ID": "5"}).text
+    assert body.startswith("retry: ")
+    blocks = [block for block in body.split("\n\n") if block.strip()]
+    assert blocks[1].splitlines()[0] == "event: gap", blocks[:3]
+    gap = json.loads(blocks[1].splitlines()[1].removeprefix("data: "))
+    assert gap == {"dropped_bytes": log.start() - 5, "resumed_at": log.start()}
+    events = parse_events(body)
+    assert events[-1][1].startswith("line 29999 ")
+    assert len(events) < 30_000, "rotation kept only the last megabyte or so"
+
+    # An id inside a line resumes at the next line.
+    (first_id, _), _, (third_id, third) = events[:3]
+    resumed = parse_events(world.client.get(url, headers={"Last-Event-ID": str(first_id + 3)}).text)
+    assert resumed[0] == (third_id, third)
+    assert resumed[-1] == events[-1]
+
+    # The follow ends (the instance is stopped); its reconnect gets 204 and stops there.
+    followed = world.client.get(
+        url, params={"follow": "true"}, headers={"Last-Event-ID": str(events[-2][0])}
+    )
+    assert parse_events(followed.text) == events[-1:]
+    assert "event: end" in followed.text
+    again = world.client.get(
+        url, params={"follow": "true"}, headers={"Last-Event-ID": str(events[-1][0])}
+    )
+    assert again.status_code == 204, again.text
+
+    text = world.client.get(url, params={"format": "text", "tail": 3})
+    assert text.status_code == 200
+    assert text.headers["content-type"].startswith("text/plain")
+    assert text.text.splitlines() == [line for _, line in events[-3:]]
+    world.client.delete(f"/instances/{instance['id']}")
 
 
 def test_a_follow_of_an_instance_with_no_vmm_ends_after_its_backlog(world: World) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from typing import Any
 
 import anyio
@@ -18,13 +19,16 @@ from dataplane.settings import Settings
 from managers.network import (
     AddressExhausted,
     Allocation,
+    Bandwidth,
     BridgeConflict,
+    Forward,
     NetworkManager,
     NetworkSettings,
+    Protocol,
     TapError,
 )
-from managers.network.addressing import mac_for, tap_name
-from managers.network.nat import NAT_TABLE, nat_comment
+from managers.network.addressing import ifb_name, mac_for, tap_name
+from managers.network.table import NAT_TABLE, nat_comment
 from tests.support.netns import NetnsWorker, netns_worker, unavailable_reason
 
 _REASON = unavailable_reason()
@@ -430,6 +434,105 @@ async def _body_nat() -> dict[str, Any]:
     seen["forward"] = forward.strip()
     seen["other_table_kept"] = code == 0
     return seen
+
+
+async def _qdiscs(device: str) -> list[tuple[str, int | None]]:
+    """(kind, rate in bytes a second) of the device's qdiscs, as tc shows them."""
+    _, out = await _run("tc", "-j", "qdisc", "show", "dev", device)
+    return sorted(
+        (q["kind"], q.get("options", {}).get("rate"))
+        for q in json.loads(out)
+        if q["kind"] != "noqueue"
+    )
+
+
+async def _body_shaping() -> dict[str, Any]:
+    manager = _manager({})
+    seen: dict[str, Any] = {}
+    try:
+        await manager.start(known_instance_ids=[])
+        allocation = await manager.allocate("inst-1", [])
+        tap = await manager.create_tap("inst-1", allocation, bandwidth=Bandwidth(100, 20))
+        ifb = ifb_name("inst-1")
+        seen["both"] = (await _qdiscs(tap), await _qdiscs(ifb))
+        _, filters = await _run("tc", "filter", "show", "dev", tap, "ingress")
+        seen["redirect"] = f"Redirect to device {ifb}" in filters
+        await manager.shape("inst-1", Bandwidth(ingress_mbps=None, egress_mbps=50))
+        seen["changed"] = (await _qdiscs(tap), await _qdiscs(ifb))
+        await manager.shape("inst-1", Bandwidth())
+        seen["lifted"] = (await _qdiscs(tap), await _link(ifb))
+        await manager.shape("inst-1", Bandwidth(egress_mbps=5))
+        # A leftover IFB of an instance that is gone goes at the next start; ours stays.
+        await _run("ip", "link", "add", ifb_name("gone"), "type", "ifb")
+        await _run("ip", "link", "add", "dpbother", "type", "ifb")
+        seen["removed"] = await manager.start(known_instance_ids=["inst-1"])
+        seen["kept"] = await _link(ifb) is not None
+        await manager.delete_tap("inst-1")
+        seen["deleted"] = (await _link(tap), await _link(ifb))
+    finally:
+        await manager.close()
+    return seen
+
+
+def test_bandwidth_limits_are_qdiscs_on_the_tap_and_its_ifb(worker: NetnsWorker) -> None:
+    seen = worker.call(_body_shaping)
+    tap_qdiscs, ifb_qdiscs = seen["both"]
+    assert ("tbf", 100_000_000 // 8) in tap_qdiscs, tap_qdiscs
+    assert ("ingress", None) in tap_qdiscs
+    assert ifb_qdiscs == [("tbf", 20_000_000 // 8)]
+    assert seen["redirect"]
+    tap_qdiscs, ifb_qdiscs = seen["changed"]
+    assert not any(kind == "tbf" for kind, _ in tap_qdiscs), tap_qdiscs
+    assert ifb_qdiscs == [("tbf", 50_000_000 // 8)]
+    tap_qdiscs, ifb_link = seen["lifted"]
+    assert not any(kind in ("tbf", "ingress") for kind, _ in tap_qdiscs), tap_qdiscs
+    assert ifb_link is None
+    assert seen["removed"] == [ifb_name("gone")]
+    assert seen["kept"]
+    assert seen["deleted"] == (None, None)
+
+
+async def _body_forwards_without_nat() -> dict[str, Any]:
+    manager = _manager({"NETWORK_NAT": "false"})
+    forward = Forward(
+        tag="abcdefabcdef",
+        protocol=Protocol.UDP,
+        listen=IPv4Address("10.9.9.9"),
+        host_port=5353,
+        target=IPv4Address("192.168.100.7"),
+        guest_port=53,
+    )
+    seen: dict[str, Any] = {}
+    try:
+        await manager.start(known_instance_ids=[])
+        seen["started"] = await _nat_rules()
+        await manager.publish([forward])
+        seen["forwarding"] = await _nat_rules()
+        _, localnet = await _run("cat", "/proc/sys/net/ipv4/conf/vmbr0/route_localnet")
+        seen["localnet"] = localnet.strip()
+        await manager.publish([])
+        seen["emptied"] = await _nat_rules()
+        _, localnet = await _run("cat", "/proc/sys/net/ipv4/conf/vmbr0/route_localnet")
+        seen["localnet_after"] = localnet.strip()
+    finally:
+        await manager.close()
+    return seen
+
+
+def test_forwards_get_a_table_of_their_own_when_nat_is_off(worker: NetnsWorker) -> None:
+    seen = worker.call(_body_forwards_without_nat)
+    assert seen["started"] is None, "no NAT and no forwards: no table"
+    rules = seen["forwarding"]
+    assert rules is not None
+    by_chain: dict[str, list[str]] = {}
+    for rule in rules:
+        by_chain.setdefault(rule["chain"], []).append(rule.get("comment", ""))
+    assert by_chain["prerouting"] == by_chain["output"] == ["dataplane ingress abcdefabcdef"]
+    assert len(by_chain["guard"]) == 1  # loopback from anywhere but lo, dropped
+    assert len(by_chain["postrouting"]) == 2  # the forwards' masquerades, no outbound NAT
+    assert seen["localnet"] == "1"
+    assert seen["emptied"] is None
+    assert seen["localnet_after"] == "0"
 
 
 def test_nat_rules_follow_the_setting_and_are_removed_by_their_table(

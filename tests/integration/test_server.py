@@ -86,7 +86,7 @@ def test_jwt_without_exp_is_401(authed: RunningServer) -> None:
 def test_jwt_with_another_algorithm_is_401(authed: RunningServer) -> None:
     payload = {"sub": "x", "exp": int(time.time()) + 300}
     assert_401(get(authed, PROTECTED, jwt.encode(payload, SECRET, algorithm="HS512")))
-    unsigned = jwt.encode(payload, None, algorithm="none")
+    unsigned = jwt.encode(payload, "", algorithm="none")
     assert_401(get(authed, PROTECTED, unsigned))
 
 

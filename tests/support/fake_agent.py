@@ -2,7 +2,8 @@
 
 It answers HELLO, SET_TIME (DONE), PING, and EXEC by "running" nothing: it prints its argv
 joined by spaces on stdout and exits 0, or exits with the code given as ``exit=N`` in argv[0].
-STAT, READ_FILE and WRITE_FILE answer ENOENT. The real agent is tested on its own
+STAT, READ_FILE and WRITE_FILE answer ENOENT. MOUNT answers DONE; UMOUNT answers EBUSY for a
+path with ``busy`` in it (files held open there), else DONE. The real agent is tested on its own
 (``tests/integration/test_agent_channel.py``) and in real guests; this one lets the HTTP
 edge's tests reach a Running instance's agent in milliseconds.
 """
@@ -61,6 +62,14 @@ def _answer(kind: int, stream: int, payload: bytes) -> list[bytes]:
             p.encode(p.Msg.DATA_OUT, stream, " ".join(argv).encode() + b"\n"),
             p.encode(p.Msg.EXIT, stream, p.u32(p.Tag.EXIT_CODE, code)),
         ]
+    if kind == p.Msg.MOUNT:
+        return [p.encode(p.Msg.DONE, stream)]
+    if kind == p.Msg.UMOUNT:
+        path = p.Fields.parse(payload).text(p.Tag.PATH) or ""
+        if "busy" in path:
+            body = p.records([p.u32(p.Tag.ERRNO, errno.EBUSY), p.text(p.Tag.MESSAGE, "busy")])
+            return [p.encode(p.Msg.ERROR, stream, body)]
+        return [p.encode(p.Msg.DONE, stream)]
     if kind in (p.Msg.STAT, p.Msg.READ_FILE, p.Msg.WRITE_FILE):
         body = p.records([p.u32(p.Tag.ERRNO, errno.ENOENT), p.text(p.Tag.MESSAGE, "no such file")])
         return [p.encode(p.Msg.ERROR, stream, body)]

@@ -61,6 +61,19 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
+def link_namespaces(
+    first: str, second: str, link: str, first_address: str, second_address: str
+) -> None:
+    """A veth pair: ``link`` in namespace ``first`` with ``first_address`` (a CIDR), ``eth0``
+    in ``second`` with ``second_address``; both up. It goes with either namespace."""
+    _ip("link", "add", link, "netns", first, "type", "veth", "peer", "name", "eth0",
+        "netns", second)  # fmt: skip
+    _ip("-n", first, "addr", "add", first_address, "dev", link)
+    _ip("-n", first, "link", "set", link, "up")
+    _ip("-n", second, "addr", "add", second_address, "dev", "eth0")
+    _ip("-n", second, "link", "set", "eth0", "up")
+
+
 @contextmanager
 def network_namespace() -> Iterator[str]:
     """A fresh named namespace with ``lo`` up; deleted on exit whatever happened."""

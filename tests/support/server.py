@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,15 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     uds: Path | None = None
+    # For an HTTPS server: the client context (trusted CA, and a client certificate for mTLS).
+    tls: ssl.SSLContext | None = None
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         """An HTTP client for this server, over TCP or over its Unix socket."""
         transport = httpx.HTTPTransport(uds=str(self.uds)) if self.uds else None
-        return httpx.Client(base_url=self.url, transport=transport, timeout=timeout)
+        return httpx.Client(
+            base_url=self.url, transport=transport, timeout=timeout, verify=self.tls or True
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -70,6 +75,8 @@ def run_server(
     check_contract: bool = True,
     netns: str | None = None,
     keep_vmms: bool = False,
+    tls: ssl.SSLContext | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
     """Serve on a free TCP port, or, inside the network namespace ``netns``, on a Unix
     socket (a namespace's loopback is out of this process's reach; a socket file is not).
@@ -98,7 +105,14 @@ def run_server(
     binary = full_env.get("CLOUD_HYPERVISOR_BIN")
     if binary and Path(binary).resolve() == SIMULATOR:
         require_spec(full_env)
-    prefix = ["ip", "netns", "exec", netns] if netns else []
+        # A simulated guest takes no host CPU or memory, so admission against a small CI
+        # machine's cores would refuse tests about something else; a test about admission
+        # sets the ratios itself.
+        for ratio in ("CPU_OVERSUB_RATIO", "MEMORY_OVERSUB_RATIO"):
+            if ratio not in (env or {}):
+                full_env[ratio] = "64"
+    # ``wrapper`` runs the server under another command (setpriv, to drop capabilities).
+    prefix = (["ip", "netns", "exec", netns] if netns else []) + list(wrapper)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "dataplane"],
@@ -107,8 +121,9 @@ def run_server(
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    url = "http://dataplane" if uds else f"http://127.0.0.1:{port}"
-    server = RunningServer(url, process, log_path, uds)
+    scheme = "https" if tls is not None else "http"
+    url = f"{scheme}://dataplane" if uds else f"{scheme}://127.0.0.1:{port}"
+    server = RunningServer(url, process, log_path, uds, tls)
     try:
         _wait_until_live(server)
         yield server
@@ -135,6 +150,32 @@ def wait_agent_ready(
             return body
         assert time.monotonic() < deadline, body
         time.sleep(0.05)
+
+
+def wait_guest_settled(client: httpx.Client, bound: float = 120.0) -> dict[str, Any]:
+    """Poll /health until start-up has prepared the guest or given up on it; its ``guest``."""
+    deadline = time.monotonic() + bound
+    while (guest := client.get("/health").json()["guest"])["status"] == "preparing":
+        assert time.monotonic() < deadline, "the guest is still being prepared"
+        time.sleep(0.05)
+    return dict(guest)
+
+
+def import_image(client: httpx.Client, archive: Path, bound: float = 120.0) -> str:
+    """Import an OCI archive through the API, wait until its image is ready; its digest."""
+    imported = client.post(
+        "/images/import",
+        content=archive.read_bytes(),
+        headers={"content-type": "application/x-tar"},
+    )
+    assert imported.status_code == 202, imported.text
+    digest = str(imported.json()["digest"])
+    deadline = time.monotonic() + bound
+    while (image := client.get(f"/images/{digest}").json())["status"] != "ready":
+        assert image["status"] != "failed", image
+        assert time.monotonic() < deadline, f"the import is still {image['status']}"
+        time.sleep(0.1)
+    return digest
 
 
 def reap_vmms(data_dir: Path) -> None:

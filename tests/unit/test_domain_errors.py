@@ -22,8 +22,12 @@ from managers.guest import errors as guest
 from managers.hypervisors import errors as hypervisors
 from managers.hypervisors.qmp import QmpConnectionLost
 from managers.images import errors as images
+from managers.ingresses import errors as ingresses
 from managers.instances import errors as instances
 from managers.network import errors as network
+from managers.resources import ResourceKind
+from managers.resources import errors as resources
+from managers.volumes import errors as volumes
 
 MODULES: tuple[ModuleType, ...] = (
     images,
@@ -33,6 +37,9 @@ MODULES: tuple[ModuleType, ...] = (
     guest,
     agent,
     agent_protocol,
+    volumes,
+    resources,
+    ingresses,
 )
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
@@ -89,7 +96,7 @@ SAMPLES: dict[type[DomainError], Sample] = {
     images.InvalidArchive: plain(images.InvalidArchive, "invalid_archive", 400),
     images.DigestMismatch: Sample(
         lambda: images.DigestMismatch("blob sha256:aa", "sha256:aa", "sha256:bb"),
-        "image_error",
+        "digest_mismatch",
         500,
         {"content": "blob sha256:aa", "expected": "sha256:aa", "actual": "sha256:bb"},
     ),
@@ -100,7 +107,9 @@ SAMPLES: dict[type[DomainError], Sample] = {
         IMAGE_HOLDERS,
     ),
     images.FormatConflict: plain(images.FormatConflict, "format_conflict", 409),
-    images.BuildFailed: plain(images.BuildFailed, "image_error", 500),
+    images.ImageTooLarge: plain(images.ImageTooLarge, "image_too_large", 413),
+    images.StorageFull: plain(images.StorageFull, "insufficient_storage", 507),
+    images.BuildFailed: plain(images.BuildFailed, "image_build_failed", 500),
     images.InvalidFormat: plain(images.InvalidFormat, "invalid_format", 400),
     images.ImageNotReady: plain(images.ImageNotReady, "image_not_ready", 409),
     instances.InstanceError: plain(instances.InstanceError, "instance_error", 500),
@@ -159,6 +168,7 @@ SAMPLES: dict[type[DomainError], Sample] = {
     network.InvalidAllocation: plain(network.InvalidAllocation, "network_error", 500),
     network.TapError: plain(network.TapError, "network_error", 500),
     network.NatError: plain(network.NatError, "network_error", 500),
+    network.ShapingError: plain(network.ShapingError, "network_error", 500),
     network.NetlinkFailure: plain(network.NetlinkFailure, "network_error", 500),
     hypervisors.HypervisorError: hyper(hypervisors.HypervisorError),
     hypervisors.InvalidRequest: hyper(hypervisors.InvalidRequest),
@@ -215,6 +225,93 @@ SAMPLES: dict[type[DomainError], Sample] = {
     guest.InvalidGuestConfig: plain(guest.InvalidGuestConfig, "guest_unavailable", 503),
     guest.OverlayDiskError: plain(guest.OverlayDiskError, "guest_unavailable", 503),
     guest.TscUnavailableError: plain(guest.TscUnavailableError, "guest_unavailable", 503),
+    instances.VolumeNotAttached: Sample(
+        lambda: instances.VolumeNotAttached("vm-1", "data"),
+        "volume_not_attached",
+        404,
+        {"id": "vm-1", "volume": "data"},
+    ),
+    ingresses.IngressError: plain(ingresses.IngressError, "ingress_error", 500),
+    ingresses.InvalidIngressSpec: plain(ingresses.InvalidIngressSpec, "invalid_ingress", 400),
+    ingresses.IngressNotFound: Sample(
+        lambda: ingresses.IngressNotFound("web"), "ingress_not_found", 404, {"ingress": "web"}
+    ),
+    ingresses.TargetNotFound: Sample(
+        lambda: ingresses.TargetNotFound("web"), "instance_not_found", 404, {"instance": "web"}
+    ),
+    ingresses.IngressExists: Sample(
+        lambda: ingresses.IngressExists("web"), "ingress_exists", 409, {"name": "web"}
+    ),
+    ingresses.PortInUse: plain(ingresses.PortInUse, "port_in_use", 409),
+    ingresses.PrivilegedPort: plain(ingresses.PrivilegedPort, "port_privileged", 403),
+    ingresses.InstanceWithoutNetwork: plain(
+        ingresses.InstanceWithoutNetwork, "instance_without_network", 409
+    ),
+    ingresses.IngressRecordInvalid: plain(ingresses.IngressRecordInvalid, "ingress_error", 500),
+    volumes.VolumeError: plain(volumes.VolumeError, "volume_error", 500),
+    volumes.InvalidVolumeSpec: plain(volumes.InvalidVolumeSpec, "invalid_volume", 400),
+    volumes.InvalidVolumeArchive: plain(volumes.InvalidVolumeArchive, "invalid_archive", 400),
+    volumes.VolumeTooSmall: Sample(
+        lambda: volumes.VolumeTooSmall(16, 40),
+        "volume_too_small",
+        400,
+        {"size_mb": 16, "needed_mb": 40},
+    ),
+    volumes.VolumeNotFound: Sample(
+        lambda: volumes.VolumeNotFound("data"), "volume_not_found", 404, {"volume": "data"}
+    ),
+    volumes.VolumeExists: Sample(
+        lambda: volumes.VolumeExists("data", "0123456789ab"),
+        "volume_exists",
+        409,
+        {"name": "data", "id": "0123456789ab"},
+    ),
+    volumes.VolumeInUse: plain(volumes.VolumeInUse, "volume_in_use", 409),
+    volumes.SourceImageMissing: Sample(
+        lambda: volumes.SourceImageMissing("alpine"), "image_not_found", 404, {"image": "alpine"}
+    ),
+    volumes.SourceImageNotReady: Sample(
+        lambda: volumes.SourceImageNotReady("alpine", "building"),
+        "image_not_ready",
+        409,
+        {"image": "alpine"},
+    ),
+    volumes.VolumeBusy: plain(volumes.VolumeBusy, "volume_busy", 409),
+    volumes.VolumeQuarantined: Sample(
+        lambda: volumes.VolumeQuarantined("0123456789ab", "/q/v", "bad json"),
+        "volume_quarantined",
+        409,
+        {"id": "0123456789ab", "path": "/q/v", "reason": "bad json"},
+    ),
+    volumes.InsufficientStorage: Sample(
+        lambda: volumes.InsufficientStorage(2 << 20, 1 << 20),
+        "insufficient_storage",
+        507,
+        {"needed_mb": 2, "free_mb": 1},
+    ),
+    volumes.VolumeRecordInvalid: plain(volumes.VolumeRecordInvalid, "volume_error", 500),
+    volumes.VolumeBuildFailed: plain(volumes.VolumeBuildFailed, "volume_build_failed", 500),
+    resources.ResourceError: plain(resources.ResourceError, "resource_error", 500),
+    resources.InsufficientResources: Sample(
+        lambda: resources.InsufficientResources(
+            ResourceKind.MEMORY,
+            requested=3 << 30,
+            allocated=1 << 30,
+            effective_limit=2 << 30,
+            oversub_ratio=1.0,
+        ),
+        "insufficient_resources",
+        409,
+        {
+            "resource": "memory",
+            "requested": 3 << 30,
+            "available": 1 << 30,
+            "allocated": 1 << 30,
+            "effective_limit": 2 << 30,
+            "short_by": 2 << 30,
+            "oversub_ratio": 1.0,
+        },
+    ),
 }
 CLASSES = list(SAMPLES)
 

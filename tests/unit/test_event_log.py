@@ -110,3 +110,27 @@ async def test_reconciliation_writes_only_what_is_missing(tmp_path: Path) -> Non
         ]
     )
     assert await recorder.reconcile(states, {"alpine": "ready"}) == 0
+
+
+async def test_reconciliation_announces_volumes_made_or_removed_meanwhile(tmp_path: Path) -> None:
+    events = opened(tmp_path)
+    add(events, EventType.VOLUME_CREATED, "aaaaaaaaaaaa")
+    add(events, EventType.VOLUME_ATTACHED, "aaaaaaaaaaaa")
+    add(events, EventType.VOLUME_CREATED, "bbbbbbbbbbbb")
+
+    async def render(resource: str) -> dict[str, Any] | None:
+        return {"id": resource}
+
+    recorder = EventRecorder(events, "NODE_1", Renderers(render, render, render))
+    volumes = frozenset({"aaaaaaaaaaaa", "cccccccccccc"})
+    assert await recorder.reconcile({}, {}, volumes) == 2
+    tail = [
+        (e.type.value, e.resource_id, e.envelope().get("volume_id")) for e in events.read_from(4)
+    ]
+    assert sorted(tail) == [
+        ("volume.created", "cccccccccccc", "cccccccccccc"),
+        ("volume.deleted", "bbbbbbbbbbbb", "bbbbbbbbbbbb"),
+    ]
+    assert await recorder.reconcile({}, {}, volumes) == 0
+    # A node reconciled without volumes (None) leaves their events alone.
+    assert await recorder.reconcile({}, {}) == 0

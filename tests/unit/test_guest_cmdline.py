@@ -52,7 +52,7 @@ def test_tsc_of_this_host_is_plausible() -> None:
 
 
 def test_qemu_machine_extras() -> None:
-    assert qemu_extra("pc") == ("pci=noacpi",)
+    assert qemu_extra("pc") == ()
     (tsc,) = qemu_extra("microvm")
     assert tsc.startswith("tsc_early_khz=")
     with pytest.raises(ValueError, match="unknown QEMU machine"):

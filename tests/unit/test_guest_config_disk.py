@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from managers.guest import GuestConfig, InvalidGuestConfig, NetworkConfig, VolumeMount
-from managers.guest.config_disk import BLOCK, MAGIC, encode_config, write_config_disk
+from managers.guest.config_disk import (
+    BLOCK,
+    CONFIG_DISK_BYTES,
+    MAGIC,
+    encode_config,
+    write_config_disk,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -119,10 +125,19 @@ async def test_invalid_config_raises_and_writes_nothing(
     assert [p async for p in anyio.Path(tmp_path).iterdir()] == []
 
 
-async def test_write_config_disk_replaces_atomically(tmp_path: Path) -> None:
+async def test_write_config_disk_rewrites_the_same_file_at_a_fixed_size(tmp_path: Path) -> None:
     target = anyio.Path(tmp_path / "config.img")
-    await target.write_bytes(b"old")
-    config = GuestConfig(entrypoint=["/bin/x"])
+    config = GuestConfig(entrypoint=["/bin/x"], env={"LONG": "x" * 10000})
     await write_config_disk(Path(target), config)
-    assert await target.read_bytes() == encode_config(config)
+    before = await target.stat()
+    # A VMM holds the file open: a rewrite must reach that very file, at the size it saw.
+    smaller = GuestConfig(entrypoint=["/bin/y"])
+    await write_config_disk(Path(target), smaller)
+    after = await target.stat()
+    assert (after.st_ino, after.st_size) == (before.st_ino, CONFIG_DISK_BYTES)
+    data = await target.read_bytes()
+    encoded = encode_config(smaller)
+    assert data[: len(encoded)] == encoded
+    assert after.st_mode & 0o777 == 0o600
+    assert after.st_blocks * 512 < 1 << 20  # sparse beyond what was written
     assert [p.name async for p in anyio.Path(tmp_path).iterdir()] == ["config.img"]

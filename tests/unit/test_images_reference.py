@@ -126,3 +126,11 @@ def test_config_fields() -> None:
     assert parsed.env == ("PATH=/bin", "A=b c")
     assert (parsed.workdir, parsed.user) == ("/srv", "1000:1000")
     assert parsed.exposed_ports == ("53/udp", "8080/tcp")
+
+
+def test_the_name_bound_is_on_the_name_as_written() -> None:
+    # 250 characters as written; Docker Hub's implicit "library/" makes the repository 258.
+    long_name = "a" * 250
+    assert parse_reference(long_name).repository == f"library/{long_name}"
+    with pytest.raises(InvalidReference, match="longer than 255"):
+        parse_reference("a" * 256)

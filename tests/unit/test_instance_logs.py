@@ -261,3 +261,50 @@ async def test_remove_waits_for_its_own_drain_only(caplog: pytest.LogCaptureFixt
         tg.cancel_scope.cancel()
     failures = [r for r in caplog.records if r.getMessage() == "log pump failed"]
     assert len(failures) == 1
+
+
+def test_a_resume_inside_a_line_starts_at_the_next_line(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app")
+    log.append(b"alpha\nbeta\ngamma\n")
+    assert log.resume(0).offset == 0
+    assert log.resume(6).offset == 6  # a boundary: "beta" starts there
+    assert log.resume(5).offset == 6  # the newline itself: beta is next
+    assert log.resume(2).offset == 6
+    assert log.resume(8).offset == 11
+    lines, _ = log.read_lines(log.resume(8).offset)
+    assert lines_text(lines) == [b"gamma"]
+    assert log.resume(10_000).offset == log.end()
+
+
+def test_a_resume_inside_a_cut_line_starts_at_its_next_piece(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=1 << 30)
+    log.append(b"x\n" + b"y" * (2 * MAX_LINE + 10) + b"\nz\n")
+    pieces, _ = log.read_lines(0)
+    ids = [line.offset for line in pieces]
+    # Every id a reader was given is a boundary and resumes right there.
+    assert all(log.resume(offset).offset == offset for offset in ids)
+    assert log.resume(2 + 5).offset == 2 + MAX_LINE
+    assert log.resume(2 + MAX_LINE + 1).offset == 2 + 2 * MAX_LINE
+    assert log.resume(2 + 2 * MAX_LINE + 3).offset == ids[-2]  # the end of the line
+
+
+def test_a_resume_from_a_rotated_offset_says_what_is_gone(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=100, keep=2)
+    for n in range(100):
+        log.append(f"{n:04d}\n".encode())
+    oldest = log.start()
+    resumed = log.resume(10)
+    assert (resumed.offset, resumed.dropped) == (oldest, oldest - 10)
+    assert log.resume(oldest).dropped == 0
+
+
+def test_retention_sets_segments_and_bounds_the_size(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", retention_bytes=1 << 20)
+    assert log.keep * log.segment_bytes <= 1 << 20
+    assert log.keep >= 4
+    line = b"z" * 99 + b"\n"
+    for _ in range(30_000):  # 3 MB through a 1 MiB retention
+        log.append(line)
+    kept = sum(f.stat().st_size for f in tmp_path.glob("app-*.log"))
+    assert kept <= (1 << 20) + log.segment_bytes
+    assert log.end() == 30_000 * 100

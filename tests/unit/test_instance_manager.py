@@ -34,16 +34,18 @@ from managers.hypervisors import (
 from managers.hypervisors.errors import InvalidRequest, VmmDied, wrong_state
 from managers.images.errors import ImageNotFound
 from managers.instances import (
+    AdmissionPort,
     CreateRequest,
     InstanceExists,
     InstanceManager,
     InstanceQuarantined,
     InstanceState,
+    VolumePort,
     WrongInstanceState,
     supervise,
 )
 from managers.instances.types import GuestStatus, RestartPolicy
-from managers.network import Allocation, GuestNetwork
+from managers.network import Allocation, Bandwidth, GuestNetwork, TapError
 from managers.paths import Paths
 from tests.support.fake_agent import open_fake_agent
 
@@ -79,6 +81,8 @@ class FakeImages:
 class FakeNetwork:
     taps: set[str] = field(default_factory=set)
     allocated: dict[str, str] = field(default_factory=dict)
+    # The limits each TAP enforces now, as the kernel would hold them.
+    limits: dict[str, Bandwidth] = field(default_factory=dict)
 
     def tap_name(self, instance_id: str) -> str:
         return f"tap-{instance_id}"
@@ -96,12 +100,21 @@ class FakeNetwork:
     async def release(self, instance_id: str) -> None:
         self.allocated.pop(instance_id, None)
 
-    async def create_tap(self, instance_id: str, allocation: Allocation) -> str:
+    async def create_tap(
+        self, instance_id: str, allocation: Allocation, *, bandwidth: Bandwidth | None = None
+    ) -> str:
         self.taps.add(self.tap_name(instance_id))
+        self.limits[instance_id] = bandwidth or Bandwidth()
         return self.tap_name(instance_id)
+
+    async def shape(self, instance_id: str, bandwidth: Bandwidth) -> None:
+        if self.tap_name(instance_id) not in self.taps:
+            raise TapError(f"no TAP for {instance_id}")
+        self.limits[instance_id] = bandwidth
 
     async def delete_tap(self, instance_id: str) -> None:
         self.taps.discard(self.tap_name(instance_id))
+        self.limits.pop(instance_id, None)
 
     def guest_network(self, allocation: Allocation) -> GuestNetwork:
         gateway = IPv4Interface("192.168.100.1/24").ip
@@ -120,6 +133,7 @@ class FakeVmm:
         self.vm: VmState = VmState.NOT_CREATED
         self.stopped = False
         self.disks: list[str] = []
+        self.readonly: dict[str, bool] = {}
         self.memory_mb = 0
 
     @property
@@ -138,6 +152,7 @@ class FakeVmm:
             raise VmmDied(self.instance_id, "the fake refuses to boot")
         self.vm = VmState.RUNNING
         self.disks = [disk.id for disk in spec.disks]
+        self.readonly = {disk.id: disk.readonly for disk in spec.disks}
         self.memory_mb = spec.memory_mb
         script = self.backend.guest_script.pop(0) if self.backend.guest_script else None
         lines = ["init-started", "program-started"]
@@ -181,11 +196,15 @@ class FakeVmm:
         if disk.id in self.disks:
             raise InvalidRequest(self.instance_id, f"device id {disk.id!r} is already in use")
         self.disks.append(disk.id)
+        self.readonly[disk.id] = disk.readonly
 
     async def remove_disk(self, disk_id: str) -> None:
         if disk_id not in self.disks:
             raise InvalidRequest(self.instance_id, f"no disk with id {disk_id!r}")
         self.disks.remove(disk_id)
+
+    async def disk_ids(self) -> set[str]:
+        return set(self.disks)
 
     async def resize_memory(self, memory_mb: int) -> None:
         if memory_mb <= self.memory_mb:
@@ -265,6 +284,8 @@ def build(
     backend: FakeBackend,
     network: FakeNetwork,
     changes: list[tuple[str, str]] | None = None,
+    volumes: VolumePort | None = None,
+    admission: AdmissionPort | None = None,
 ) -> InstanceManager:
     kernel = paths.root / "kernel"
 
@@ -282,6 +303,8 @@ def build(
         on_change=(lambda kind, instance: changes.append((kind, instance.id)))
         if changes is not None
         else None,
+        volumes=volumes,
+        admission=admission,
     )
 
 

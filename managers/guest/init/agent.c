@@ -13,6 +13,9 @@
  * is below DATA_WATER, and frames from the host are handled only while it is below
  * INPUT_WATER, so what can be queued is bounded by what one round adds; OUTQ_MAX sits
  * far above that and, reached anyway, costs the channel rather than memory.
+ *
+ * MOUNT and UMOUNT run in forked helpers, one at a time per mount point (see "mounts"
+ * below); the standalone build keeps a table in memory instead and never mounts anything.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -28,6 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#ifndef AGENT_STANDALONE
+#include <sys/mount.h>
+#endif
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -70,18 +76,26 @@
 #define VIRTIO_ID_VSOCK "0x0013"
 #define LISTEN_BACKLOG 16
 #define PORT_NAME_MAX 255
+/* MOUNT: how long a disk that was just hot-plugged may take to show up, looked for every
+ * DISK_POLL_MS. */
+#define DISK_WAIT_MS 10000
+#define DISK_POLL_MS 10
+#define DEVICE_MAX 255
+/* virtio-blk's serial is at most this long; the guest sees a longer one cut short. */
+#define VIRTIO_SERIAL_MAX 20
 
-enum session_kind { SESSION_EXEC = 1, SESSION_WRITE, SESSION_READ, SESSION_ONESHOT };
+enum session_kind { SESSION_EXEC = 1, SESSION_WRITE, SESSION_READ, SESSION_ONESHOT, SESSION_MOUNT };
 
 struct session {
     uint64_t serial; /* 0: the slot is free; else unique for the agent's lifetime */
     uint32_t stream;
     enum session_kind kind;
-    pid_t pid; /* the program, or a directory read's tar child; 0: none */
+    pid_t pid; /* the program, a directory read's tar child or a mount helper; 0: none */
     int reaped;
     int status;
     int started; /* output may flow: STARTED or STAT_RESULT was sent */
-    int report_fd; /* the exec child's failure report; -1 once execve is known to have happened */
+    int report_fd; /* the exec child's failure report (-1 once execve is known to have happened),
+                    * or a mount helper's answer */
     int in_fd;     /* the program's stdin (a dup of the pty master with TTY) */
     int out_fd;    /* stdout (a dup of the pty master with TTY), the file or the tar pipe */
     int err_fd;
@@ -107,6 +121,12 @@ struct session {
     char *tmp_path;
     char *path;
     mode_t mode;
+    /* MOUNT and UMOUNT: the disk's serial (path is the mount point), and whether the
+     * request waits for the mount helper. */
+    char *device;
+    int unmount;
+    int readonly;
+    int queued;
 };
 
 enum channel_kind { CHANNEL_SOCKET, CHANNEL_PORT };
@@ -287,6 +307,7 @@ static void session_free(struct channel *ch, struct session *s)
         unlink(s->tmp_path);
     free(s->tmp_path);
     free(s->path);
+    free(s->device);
     free(s->in_buf);
     memset(s, 0, sizeof *s);
     ch->nsessions--;
@@ -404,8 +425,11 @@ struct fields {
     const unsigned char *time;
     const unsigned char *path;
     uint32_t path_len;
-    int has_path, has_version, has_mode, has_signal, has_credit, has_tty;
+    const unsigned char *device;
+    uint32_t device_len;
+    int has_path, has_version, has_mode, has_signal, has_credit, has_tty, has_device;
     uint32_t version, mode, signal, credit;
+    uint8_t readonly;
     struct winsize ws;
 };
 
@@ -463,6 +487,20 @@ static int parse_field(struct fields *f, const struct agent_record *r, char *err
             f->has_tty = 1;
             f->ws.ws_row = agent_get16(r->value);
             f->ws.ws_col = agent_get16(r->value + 2);
+        }
+        break;
+    case AGENT_TAG_DEVICE:
+        f->has_device = 1;
+        f->device = r->value;
+        f->device_len = r->length;
+        break;
+    case AGENT_TAG_READONLY:
+        if (!(e = field_size(r, 1, "READONLY", err, errsize))) {
+            f->readonly = r->value[0];
+            if (f->readonly > 1) {
+                snprintf(err, errsize, "READONLY is %u, not 0 or 1", f->readonly);
+                e = EINVAL;
+            }
         }
         break;
     default:
@@ -1347,13 +1385,538 @@ static void set_time_run(struct channel *ch, struct session *s, const unsigned c
     session_free(ch, s);
 }
 
+/* ---------------------------------------------------------------- mounts */
+
+static int path_under(const char *path, const char *dir)
+{
+    size_t n = strlen(dir);
+    return strncmp(path, dir, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+/* 0 if `path` may be a mount point: not / and outside /proc, /sys and /dev; else EINVAL
+ * with err saying why. */
+static int mount_point_allowed(const char *path, const char *as, char *err, size_t errsize)
+{
+    static const char *const kernel_dirs[] = {"/proc", "/sys", "/dev"};
+    if (strcmp(path, "/") == 0) {
+        snprintf(err, errsize, "PATH %s%s is the root; it cannot be a mount point", as, path);
+        return EINVAL;
+    }
+    for (size_t i = 0; i < sizeof kernel_dirs / sizeof *kernel_dirs; i++) {
+        if (path_under(path, kernel_dirs[i])) {
+            snprintf(err, errsize, "PATH %s%s is under %s", as, path, kernel_dirs[i]);
+            return EINVAL;
+        }
+    }
+    return 0;
+}
+
+/* MOUNT's and UMOUNT's PATH, checked and spelt one way: absolute, no `..` component,
+ * then with `.` components and repeated or trailing slashes dropped, not / and outside
+ * /proc, /sys and /dev.  0, or EINVAL (ENAMETOOLONG) with err saying why. */
+static int mount_target(const char *path, char **out, char *err, size_t errsize)
+{
+    size_t len = strlen(path);
+    if (path[0] != '/') {
+        snprintf(err, errsize, "PATH %s is not absolute", path);
+        return EINVAL;
+    }
+    if (len >= PATH_MAX) {
+        snprintf(err, errsize, "PATH of %zu bytes is too long", len);
+        return ENAMETOOLONG;
+    }
+    char *norm = malloc(len + 2);
+    if (!norm) {
+        snprintf(err, errsize, "out of memory");
+        return ENOMEM;
+    }
+    size_t n = 0;
+    for (const char *p = path; *p;) {
+        while (*p == '/')
+            p++;
+        size_t part = strcspn(p, "/");
+        if (part == 2 && p[0] == '.' && p[1] == '.') {
+            snprintf(err, errsize, "PATH %s has a .. component", path);
+            free(norm);
+            return EINVAL;
+        }
+        if (part > 0 && !(part == 1 && p[0] == '.')) {
+            norm[n++] = '/';
+            memcpy(norm + n, p, part);
+            n += part;
+        }
+        p += part;
+    }
+    if (n == 0)
+        norm[n++] = '/';
+    norm[n] = '\0';
+    int e = mount_point_allowed(norm, "", err, errsize);
+    if (e) {
+        free(norm);
+        return e;
+    }
+    *out = norm;
+    return 0;
+}
+
+/* The records of a MOUNT or UMOUNT into the session; 0, or an errno with err. */
+static int mount_request(struct session *s, const unsigned char *p, size_t len, char *err, size_t errsize)
+{
+    struct fields f;
+    int e = parse_fields(p, len, &f, err, errsize);
+    if (e)
+        return e;
+    if (!f.has_device || f.device_len == 0) {
+        snprintf(err, errsize, "no DEVICE record");
+        return EINVAL;
+    }
+    if (f.device_len > DEVICE_MAX) {
+        snprintf(err, errsize, "DEVICE of %u bytes is too long", f.device_len);
+        return EINVAL;
+    }
+    if (!(s->device = record_text(f.device, f.device_len)))
+        return text_error("DEVICE", err, errsize);
+    char *path = NULL;
+    e = fields_path(&f, &path, err, errsize);
+    if (!e)
+        e = mount_target(path, &s->path, err, errsize);
+    free(path);
+    s->readonly = f.readonly;
+    return e;
+}
+
+#ifdef AGENT_STANDALONE
+/* The standalone agent stands in for a guest on the host, whose mounts are not its to
+ * change: it never mounts anything.  MOUNT and UMOUNT keep a table of (disk, path) in
+ * memory instead, shared by every channel as a guest's mounts are, and answer as a guest
+ * does: the same disk already at the path is DONE, another disk there is EBUSY; UMOUNT
+ * of a path where the disk is not is DONE. */
+#define MOUNT_TABLE_MAX 256
+
+static struct {
+    char *device;
+    char *path;
+} mount_table[MOUNT_TABLE_MAX];
+static int mount_count;
+
+static void mount_run(struct channel *ch, struct session *s)
+{
+    int i = 0;
+    while (i < mount_count && strcmp(mount_table[i].path, s->path) != 0)
+        i++;
+    int same = i < mount_count && strcmp(mount_table[i].device, s->device) == 0;
+    if (!s->unmount && i < mount_count && !same) {
+        session_fail(ch, s, EBUSY, "%s is already a mount point (of disk %s)", s->path, mount_table[i].device);
+        return;
+    }
+    if (!s->unmount && i == mount_count) {
+        if (mount_count == MOUNT_TABLE_MAX) {
+            session_fail(ch, s, ENOMEM, "at most %d mounts", MOUNT_TABLE_MAX);
+            return;
+        }
+        mount_table[mount_count].device = s->device;
+        mount_table[mount_count].path = s->path;
+        mount_count++;
+        s->device = s->path = NULL; /* the table's now */
+    }
+    if (s->unmount && same) {
+        free(mount_table[i].device);
+        free(mount_table[i].path);
+        mount_table[i] = mount_table[--mount_count];
+    }
+    send_frame(ch, AGENT_DONE, s->stream, NULL, 0);
+    session_free(ch, s);
+}
+#else
+/* In the guest, MOUNT and UMOUNT run in a forked helper: waiting for a hot-plugged disk,
+ * replaying a journal and syncing may each take seconds, and the loop goes on serving
+ * every other session meanwhile.  The helper shares the agent's root and mount namespace,
+ * which are the program's (nothing here or in the init unshares), so what it mounts the
+ * program sees.  It answers on a pipe with u32 errno (0: done) and a message.
+ *
+ * Requests on one mount point run one at a time, in the order they came, so that two
+ * never race (a MOUNT and its retry would both find the path free); a helper counts until
+ * it is reaped, since one killed by CLOSE may still be inside mount(2).  Requests on other
+ * paths run alongside, so a disk that never shows up delays nobody else. */
+#define MOUNT_HELPERS_MAX 16
+
+static struct {
+    pid_t pid; /* 0: a free slot */
+    char *path;
+} mount_helpers[MOUNT_HELPERS_MAX];
+
+static int make_dirs(const char *path, mode_t mode)
+{
+    char buf[PATH_MAX];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, len + 1);
+    for (size_t i = 1; i <= len; i++) {
+        if (buf[i] != '/' && buf[i] != '\0')
+            continue;
+        char saved = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, mode) < 0 && errno != EEXIST)
+            return -1;
+        buf[i] = saved;
+    }
+    return 0;
+}
+
+/* The disk whose virtio serial is `serial`, as the init finds its disks: its /dev node in
+ * devpath (made if devtmpfs has not yet) and its number; 0, or -1 while there is none. */
+static int disk_by_serial(const char *serial, char *devpath, size_t size, dev_t *number)
+{
+    DIR *d = opendir("/sys/block");
+    if (!d)
+        return -1;
+    int found = -1;
+    struct dirent *e;
+    while (found < 0 && (e = readdir(d))) {
+        char path[512], value[DEVICE_MAX + 2];
+        unsigned major_no, minor_no;
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+        if (read_small_file(path, value, sizeof value) < 0 || strcmp(value, serial) != 0)
+            continue;
+        snprintf(path, sizeof path, "/sys/block/%s/dev", e->d_name);
+        if (read_small_file(path, value, sizeof value) < 0 || sscanf(value, "%u:%u", &major_no, &minor_no) != 2)
+            continue;
+        snprintf(devpath, size, "/dev/%s", e->d_name);
+        *number = makedev(major_no, minor_no);
+        if (access(devpath, F_OK) < 0)
+            mknod(devpath, S_IFBLK | 0600, *number);
+        found = 0;
+    }
+    closedir(d);
+    return found;
+}
+
+/* "ext4" (the ext4 driver mounts ext2 and ext3 too) or "erofs" by the superblock's
+ * magic, or NULL (errno 0: neither). */
+static const char *disk_filesystem(const char *dev)
+{
+    unsigned char sb[2048];
+    int fd = open(dev, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    ssize_t n = pread(fd, sb, sizeof sb, 0);
+    int e = n < 0 ? errno : 0;
+    close(fd);
+    errno = e;
+    if (n < (ssize_t)sizeof sb)
+        return NULL;
+    if (agent_get32(sb + 1024) == 0xE0F5E1E2u)
+        return "erofs";
+    if (agent_get16(sb + 1080) == 0xEF53)
+        return "ext4";
+    return NULL;
+}
+
+/* In the mount table's escaping, a space, tab, newline or backslash is \ooo. */
+static void unescape_mount_path(char *s)
+{
+    char *out = s;
+    for (char *p = s; *p; p++) {
+        if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' &&
+            p[3] <= '7') {
+            *out++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
+            p += 3;
+        } else {
+            *out++ = *p;
+        }
+    }
+    *out = '\0';
+}
+
+/* 1 if `path` (resolved) is a mount point, with the number of what is mounted on top in
+ * *number; 0 if it is not; -1 with errno when the mount table cannot be read. */
+static int mounted_at(const char *path, dev_t *number)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return -1;
+    char *line = NULL;
+    size_t cap = 0;
+    int found = 0;
+    while (getline(&line, &cap, f) > 0) {
+        /* "id parent major:minor root mount-point options..."; later lines are mounted later. */
+        unsigned major_no, minor_no;
+        int at = 0;
+        if (sscanf(line, "%*u %*u %u:%u %*s %n", &major_no, &minor_no, &at) != 2 || at == 0)
+            continue;
+        char *point = line + at;
+        point[strcspn(point, " \n")] = '\0';
+        unescape_mount_path(point);
+        if (strcmp(point, path) != 0)
+            continue;
+        found = 1;
+        *number = makedev(major_no, minor_no);
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* The real path of an existing mount point, checked again: a symlink may lead anywhere.
+ * 0, or an errno with msg. */
+static int resolve_target(const char *target, char *resolved, char *msg, size_t size)
+{
+    if (!realpath(target, resolved)) {
+        int e = errno;
+        snprintf(msg, size, "%s: %s", target, strerror(e));
+        return e;
+    }
+    if (strcmp(resolved, target) == 0)
+        return 0;
+    char as[PATH_MAX + 32];
+    snprintf(as, sizeof as, "%s resolves to ", target);
+    return mount_point_allowed(resolved, as, msg, size);
+}
+
+static int helper_mount(const char *serial, const char *target, int readonly, char *msg, size_t size)
+{
+    char dev[300], resolved[PATH_MAX];
+    dev_t number, top;
+    long deadline = now_ms() + DISK_WAIT_MS;
+    while (disk_by_serial(serial, dev, sizeof dev, &number) < 0) {
+        if (now_ms() >= deadline) {
+            snprintf(msg, size, "no disk with serial %s appeared within %d s%s", serial, DISK_WAIT_MS / 1000,
+                     strlen(serial) > VIRTIO_SERIAL_MAX ? " (a virtio serial has at most 20 bytes)" : "");
+            return ENODEV;
+        }
+        sleep_ms(DISK_POLL_MS);
+    }
+    const char *fs = disk_filesystem(dev);
+    if (!fs) {
+        int e = errno;
+        if (e)
+            snprintf(msg, size, "reading %s (disk %s): %s", dev, serial, strerror(e));
+        else
+            snprintf(msg, size, "no ext4 filesystem on %s (disk %s)", dev, serial);
+        return e ? e : EINVAL;
+    }
+    if (strcmp(fs, "erofs") == 0 && !readonly) {
+        snprintf(msg, size, "disk %s holds erofs, which mounts read-only only", serial);
+        return EROFS;
+    }
+    if (make_dirs(target, 0755) < 0) {
+        int e = errno;
+        snprintf(msg, size, "creating %s: %s", target, strerror(e));
+        return e;
+    }
+    int e = resolve_target(target, resolved, msg, size);
+    if (e)
+        return e;
+    int at = mounted_at(resolved, &top);
+    if (at < 0) {
+        e = errno;
+        snprintf(msg, size, "reading /proc/self/mountinfo: %s", strerror(e));
+        return e;
+    }
+    if (at && top == number)
+        return 0; /* mounted already: a retry after a lost answer */
+    if (at) {
+        snprintf(msg, size, "%s is already a mount point (of device %u:%u)", target, major(top), minor(top));
+        return EBUSY;
+    }
+    /* A read-only ext4 must not try to replay a journal on a read-only disk. */
+    int ext4 = strcmp(fs, "ext4") == 0;
+    unsigned long flags = MS_NODEV | (readonly ? MS_RDONLY : 0);
+    if (mount(dev, resolved, fs, flags, readonly && ext4 ? "noload" : NULL) < 0) {
+        e = errno;
+        snprintf(msg, size, "mounting %s (disk %s, %s) on %s: %s", dev, serial, fs, target, strerror(e));
+        return e;
+    }
+    return 0;
+}
+
+static int helper_umount(const char *serial, const char *target, char *msg, size_t size)
+{
+    char dev[300], resolved[PATH_MAX];
+    dev_t number, top;
+    int e = resolve_target(target, resolved, msg, size);
+    if (e == ENOENT || e == ENOTDIR)
+        return 0; /* no such directory, so nothing mounted there */
+    if (e)
+        return e;
+    int at = mounted_at(resolved, &top);
+    if (at < 0) {
+        e = errno;
+        snprintf(msg, size, "reading /proc/self/mountinfo: %s", strerror(e));
+        return e;
+    }
+    /* Nothing there, or not this disk (or the disk is gone): nothing of ours to unmount. */
+    if (!at || disk_by_serial(serial, dev, sizeof dev, &number) < 0 || top != number)
+        return 0;
+    int fd = open(resolved, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        syncfs(fd);
+        close(fd);
+    }
+    /* Neither MNT_DETACH nor MNT_FORCE: a volume in use is refused, never pulled away. */
+    if (umount2(resolved, 0) < 0) {
+        e = errno;
+        if (e == EBUSY)
+            snprintf(msg, size, "files are open under %s", target);
+        else
+            snprintf(msg, size, "unmounting %s (disk %s): %s", target, serial, strerror(e));
+        return e;
+    }
+    return 0;
+}
+
+static void __attribute__((noreturn)) mount_helper(const struct session *s, int report)
+{
+    /* Nothing of the agent's stays open here but the report: a program's pipe must see
+     * its end when the program closes it, however long the disk takes. */
+    if (report != 3 && dup2(report, 3) < 0)
+        _exit(127);
+    close_fds_from(4);
+    char msg[MESSAGE_MAX] = "";
+    int e = s->unmount ? helper_umount(s->device, s->path, msg, sizeof msg)
+                       : helper_mount(s->device, s->path, s->readonly, msg, sizeof msg);
+    child_report(3, e, "%s", msg);
+}
+
+static int mount_spawn(struct session *s)
+{
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) < 0)
+        return errno;
+    pid_t pid = fork();
+    if (pid == 0)
+        mount_helper(s, report[1]);
+    int e = errno;
+    close(report[1]);
+    if (pid < 0) {
+        close(report[0]);
+        return e;
+    }
+    set_nonblock(report[0]);
+    s->queued = 0;
+    s->pid = pid;
+    s->report_fd = report[0];
+    return 0;
+}
+
+/* -1: a helper works on `path` (or no slot is free); else a free slot. */
+static int mount_slot_for(const char *path)
+{
+    int free_slot = -1;
+    for (int i = 0; i < MOUNT_HELPERS_MAX; i++) {
+        if (mount_helpers[i].pid == 0)
+            free_slot = free_slot < 0 ? i : free_slot;
+        else if (strcmp(mount_helpers[i].path, path) == 0)
+            return -1;
+    }
+    return free_slot;
+}
+
+/* Starts every waiting request whose path is free, oldest first. */
+static void mount_next(void)
+{
+    for (;;) {
+        struct channel *next_ch = NULL;
+        struct session *next = NULL;
+        int slot = -1;
+        for (int c = 0; c < MAX_CHANNELS; c++) {
+            struct channel *ch = agent.channels[c];
+            for (int i = 0; ch && i < AGENT_MAX_SESSIONS; i++) {
+                struct session *s = &ch->sessions[i];
+                if (!s->serial || !s->queued || (next && s->serial > next->serial))
+                    continue;
+                int free_slot = mount_slot_for(s->path);
+                if (free_slot >= 0) {
+                    next = s;
+                    next_ch = ch;
+                    slot = free_slot;
+                }
+            }
+        }
+        if (!next)
+            return;
+        char *path = strdup(next->path);
+        int e = path ? mount_spawn(next) : ENOMEM;
+        if (e) {
+            free(path);
+            session_fail(next_ch, next, e, "starting the mount helper: %s", strerror(e));
+            continue;
+        }
+        mount_helpers[slot].pid = next->pid;
+        mount_helpers[slot].path = path;
+    }
+}
+
+static void mount_run(struct channel *ch, struct session *s)
+{
+    (void)ch;
+    s->queued = 1;
+    mount_next();
+}
+
+/* The helper's answer, once it is there. */
+static void mount_report(struct channel *ch, struct session *s)
+{
+    if (s->report_fd < 0)
+        return;
+    unsigned char buf[4 + MESSAGE_MAX];
+    ssize_t n = read(s->report_fd, buf, sizeof buf);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    close_fd(&s->report_fd);
+    const char *what = s->unmount ? "unmounting" : "mounting";
+    if (n < 4) {
+        session_fail(ch, s, EIO, "%s %s: the helper ended without an answer", what, s->path);
+        return;
+    }
+    int e = (int)agent_get32(buf);
+    if (e) {
+        session_fail(ch, s, e, "%.*s", (int)(n - 4), (const char *)buf + 4);
+        return;
+    }
+    send_frame(ch, AGENT_DONE, s->stream, NULL, 0);
+    session_free(ch, s);
+}
+
+/* A reaped helper lets the next request on its path go (see mount_next). */
+static void mount_reaped(pid_t pid)
+{
+    for (int i = 0; i < MOUNT_HELPERS_MAX; i++) {
+        if (mount_helpers[i].pid == pid) {
+            free(mount_helpers[i].path);
+            mount_helpers[i].path = NULL;
+            mount_helpers[i].pid = 0;
+        }
+    }
+}
+#endif
+
+static void mount_start(struct channel *ch, struct session *s, const unsigned char *p, size_t len, int unmount)
+{
+    char err[MESSAGE_MAX];
+    s->unmount = unmount;
+    int e = mount_request(s, p, len, err, sizeof err);
+    if (e) {
+        session_fail(ch, s, e, "%s", err);
+        return;
+    }
+    mount_run(ch, s);
+}
+
 /* --------------------------------------------------------------- frames */
 
 static void start_request(struct channel *ch, const struct agent_header *h, const unsigned char *p)
 {
+    int mounting = h->type == AGENT_MOUNT || h->type == AGENT_UMOUNT;
     enum session_kind kind = h->type == AGENT_EXEC         ? SESSION_EXEC
                              : h->type == AGENT_WRITE_FILE ? SESSION_WRITE
                              : h->type == AGENT_READ_FILE  ? SESSION_READ
+                             : mounting                    ? SESSION_MOUNT
                                                            : SESSION_ONESHOT;
     struct session *s = session_open(ch, h->stream, kind);
     if (!s)
@@ -1370,6 +1933,10 @@ static void start_request(struct channel *ch, const struct agent_header *h, cons
         break;
     case AGENT_STAT:
         stat_run(ch, s, p, h->length);
+        break;
+    case AGENT_MOUNT:
+    case AGENT_UMOUNT:
+        mount_start(ch, s, p, h->length, h->type == AGENT_UMOUNT);
         break;
     default:
         set_time_run(ch, s, p, h->length);
@@ -1456,6 +2023,8 @@ static void handle_frame(struct channel *ch, const struct agent_header *h, const
     case AGENT_READ_FILE:
     case AGENT_STAT:
     case AGENT_SET_TIME:
+    case AGENT_MOUNT:
+    case AGENT_UMOUNT:
         if (h->stream == 0)
             send_error(ch, 0, EINVAL, "message type 0x%02x needs a session's stream, not 0", h->type);
         else
@@ -1909,11 +2478,26 @@ static void on_accept(void)
 
 /* ----------------------------------------------------------------- loop */
 
+/* A child's report: an exec's failure to start, or a mount helper's answer. */
+static void session_report(struct channel *ch, struct session *s)
+{
+#ifndef AGENT_STANDALONE
+    if (s->kind == SESSION_MOUNT) {
+        mount_report(ch, s);
+        return;
+    }
+#endif
+    exec_report(ch, s);
+}
+
 static void reap_children(void)
 {
     int st;
     pid_t pid;
     while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+#ifndef AGENT_STANDALONE
+        mount_reaped(pid);
+#endif
         for (int c = 0; c < MAX_CHANNELS; c++) {
             struct channel *ch = agent.channels[c];
             for (int i = 0; ch && i < AGENT_MAX_SESSIONS; i++) {
@@ -1924,12 +2508,15 @@ static void reap_children(void)
                 s->status = st;
                 /* The child is gone, so its report is complete: read it now. */
                 if (s->report_fd >= 0)
-                    exec_report(ch, s);
+                    session_report(ch, s);
                 else
                     session_progress(ch, s);
             }
         }
     }
+#ifndef AGENT_STANDALONE
+    mount_next(); /* a helper may have been among them */
+#endif
 }
 
 static void on_signal(void)
@@ -2053,7 +2640,7 @@ static void dispatch_session(const struct poll_ref *r)
     if (s->serial != r->serial)
         return;
     if (r->kind == REF_REPORT)
-        exec_report(ch, s);
+        session_report(ch, s);
     else if (r->kind == REF_STDIN)
         session_write_input(ch, s);
     else if (r->kind == REF_STDOUT)

@@ -37,6 +37,8 @@ enum agent_type {
     AGENT_SET_TIME = 0x0A,
     AGENT_CLOSE = 0x0B,
     AGENT_PING = 0x0C,
+    AGENT_MOUNT = 0x0D,
+    AGENT_UMOUNT = 0x0E,
     AGENT_HELLO_OK = 0x81,
     AGENT_STARTED = 0x82,
     AGENT_DATA_OUT = 0x83,
@@ -70,6 +72,8 @@ enum agent_tag {
     AGENT_TAG_CREDIT = 18,
     AGENT_TAG_ERRNO = 19,
     AGENT_TAG_MESSAGE = 20,
+    AGENT_TAG_DEVICE = 21,
+    AGENT_TAG_READONLY = 22,
 };
 
 /* STAT's type byte. */
