@@ -30,6 +30,7 @@ bench: setup
 	$(PY) scripts/bench/events.py
 	$(PY) scripts/bench/volumes.py
 	$(PY) scripts/bench/network.py
+	$(PY) scripts/bench/logs.py
 
 # The venv in $(PREFIX)/venv, the systemd unit, and /etc/dataplane/env (see deploy/README.md).
 install: setup

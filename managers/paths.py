@@ -16,8 +16,9 @@ Layout::
     instances/<id>/           metadata.json, overlay.raw, config.img, vmm.sock, agent.sock,
                               vmm.json, events.json (Cloud Hypervisor), guest.json, standby/ (and
                               standby.partial/ while one is written),
-                              logs/ (serial.raw and vmm.log as the VMM writes them;
-                              app-*.log, vmm-*.log, dataplane-*.log segments; pump.json)
+                              logs/ (serial.raw, output.raw and vmm.log as the VMM
+                              writes them; app-*.log, console-*.log, vmm-*.log,
+                              dataplane-*.log segments; pump.json)
     instances/.deleting-<id>-<hex>/
                               an instance folder a delete is removing
     volumes/<id>/             metadata.json, data.raw (sparse ext4)
@@ -166,8 +167,13 @@ class Paths:
         return self.instance_dir(instance_id) / "logs"
 
     def instance_serial_raw(self, instance_id: str) -> Path:
-        """The guest's serial console as the VMM writes it (the log pump reads it)."""
+        """The guest's serial port as the VMM writes it: the kernel's console and the init's
+        markers (the log pump reads it)."""
         return self.instance_logs(instance_id) / "serial.raw"
+
+    def instance_output_raw(self, instance_id: str) -> Path:
+        """The guest's output channel as the VMM writes it: the program's output."""
+        return self.instance_logs(instance_id) / "output.raw"
 
     def instance_vmm_raw(self, instance_id: str) -> Path:
         """The VMM process's own stdout and stderr (written by ``managers.hypervisors``)."""

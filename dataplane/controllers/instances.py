@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -114,11 +117,13 @@ class InstancesController(Controller):
         follow: Annotated[bool, QueryParameter(name="follow")] = False,
         log_format: Annotated[str, QueryParameter(name="format")] = "sse",
     ) -> Response[Any]:
-        if log_format not in ("sse", "text"):
-            raise ApiError(400, "invalid_request", "format must be sse or text")
+        if log_format not in ("sse", "text", "raw"):
+            raise ApiError(400, "invalid_request", "format must be sse, text or raw")
         manager = _manager(runtime)
         last_event = request.headers.get("last-event-id")
         after = int(last_event) if last_event is not None and last_event.isdigit() else None
+        if log_format == "raw":
+            return await _raw_log(request, manager, instance_id, source, follow, after)
         # Resolve the instance and read the first lines now, so an unknown id is a
         # plain 404 rather than a stream that ends at once.
         first = await manager.read_log(instance_id, source, after=after, tail=tail)
@@ -135,8 +140,12 @@ class InstancesController(Controller):
             # an EventSource stop reconnecting.
             return Response(content=b"", status_code=204)
 
-        def render(line: LogLine) -> bytes:
-            return line.text.rstrip(b"\r") + b"\n" if text else _log_event(line)
+        def render(lines: list[LogLine]) -> bytes:
+            # One write for a batch: a send per line cost more than the line (the pump hands
+            # over up to 256 KiB of a chatty guest at a time).
+            if text:
+                return b"".join(line.text.rstrip(b"\r") + b"\n" for line in lines)
+            return b"".join(_log_event(line) for line in lines)
 
         async def stream() -> AsyncIterator[bytes]:
             if not text:
@@ -144,17 +153,17 @@ class InstancesController(Controller):
                 if first.dropped:
                     gap = {"dropped_bytes": first.dropped, "resumed_at": first.resumed_at}
                     yield sse.event(json.dumps(gap), name="gap")
-            for line in first.lines:
-                yield render(line)
+            for start in range(0, len(first.lines), _BATCH_LINES):
+                yield render(first.lines[start : start + _BATCH_LINES])
             if not follow:
                 return
             sent = first.position
             idle_since = time.monotonic()
-            async for batch in log_file.follow(first.position):
+            written = None if source == "dataplane" else partial(manager.output_copied, instance_id)
+            async for batch in log_file.follow(first.position, written=written):
                 if batch:
                     idle_since = time.monotonic()
-                    for line in batch:
-                        yield render(line)
+                    yield render(batch)
                     sent = batch[-1].offset
                     continue
                 try:
@@ -164,8 +173,8 @@ class InstancesController(Controller):
                 if done is not None:
                     # Whatever the pump copied last (a final line without its newline too).
                     rest = await manager.read_log(instance_id, source, after=sent, tail=None)
-                    for line in rest.lines:
-                        yield render(line)
+                    if rest.lines:
+                        yield render(rest.lines)
                     if not text:
                         yield sse.event(json.dumps(_end(done)), name="end")
                     return
@@ -176,6 +185,114 @@ class InstancesController(Controller):
         if text:
             return Stream(stream(), media_type="text/plain", headers={"Cache-Control": "no-cache"})
         return Stream(stream(), media_type="text/event-stream", headers=sse.HEADERS)
+
+
+# Lines of a backlog sent in one write.
+_BATCH_LINES = 1000
+# What one read of a raw download holds: the bytes go out as they are read.
+RAW_CHUNK = 1024 * 1024
+# How often a raw follow looks for new bytes when the pump gives no cue (as
+# SegmentedLog.follow does for lines).
+RAW_POLL_SECONDS = 0.1
+_RANGE = re.compile(
+    r"^bytes=(?:(?P<first>[0-9]{1,18})-(?P<last>[0-9]{1,18})?|-(?P<suffix>[0-9]{1,18}))$"
+)
+
+
+async def _raw_log(
+    request: Request[Any, Any, Any],
+    manager: InstanceManager,
+    instance_id: str,
+    source: str,
+    follow: bool,
+    after: int | None,
+) -> Response[Any]:
+    """``format=raw``: the log's bytes exactly as written, addressed by global offset (the
+    SSE ids). A ``Range`` answers 206 with that range; without one, 200 with every byte kept
+    from ``Last-Event-ID`` (or the oldest), and with ``follow`` the new bytes until the end."""
+    kept, end = await manager.log_extent(instance_id, source)
+    wanted = request.headers.get("range")
+    if wanted is None:
+        first = kept if after is None else max(kept, after)
+        headers = {"Cache-Control": "no-cache", "Log-Offset": str(first)}
+        stream = _raw_follow if follow else _raw_chunks
+        chunks = stream(manager, instance_id, source, first, None if follow else end)
+        return Stream(chunks, media_type="application/octet-stream", headers=headers)
+    if follow:
+        raise ApiError(400, "invalid_request", "a Range is read once: it cannot be followed")
+    match = _RANGE.fullmatch(wanted.strip())
+    if match is None:
+        raise ApiError(400, "invalid_request", f"Range {wanted!r} is not one bytes=FIRST-LAST")
+    if match["suffix"] is not None:
+        first, last = max(kept, end - int(match["suffix"])), end - 1
+        empty = int(match["suffix"]) == 0
+    else:
+        first = int(match["first"])
+        last = min(end - 1, int(match["last"])) if match["last"] is not None else end - 1
+        empty = match["last"] is not None and int(match["last"]) < first
+        if empty:
+            raise ApiError(400, "invalid_request", f"Range {wanted!r} ends before it begins")
+    if empty or first < kept or first >= end:
+        raise ApiError(
+            416,
+            "range_not_satisfiable",
+            f"the {source} log holds bytes {kept} to {end} (end excluded); {wanted} is not "
+            "among them",
+            details={"kept_from": kept, "end": end},
+            headers={"Content-Range": f"bytes */{end}"},
+        )
+    return Stream(
+        _raw_chunks(manager, instance_id, source, first, last + 1),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Range": f"bytes {first}-{last}/{end}",
+            "Content-Length": str(last + 1 - first),
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
+async def _raw_chunks(
+    manager: InstanceManager, instance_id: str, source: str, first: int, end: int | None
+) -> AsyncIterator[bytes]:
+    log_file = await manager.log_for(instance_id, source)
+    position = first
+    while end is None or position < end:
+        size = RAW_CHUNK if end is None else min(RAW_CHUNK, end - position)
+        data = await anyio.to_thread.run_sync(log_file.read_bytes, position, size)
+        if not data:
+            return
+        position += len(data)
+        yield data
+
+
+async def _raw_follow(
+    manager: InstanceManager, instance_id: str, source: str, first: int, _end: int | None
+) -> AsyncIterator[bytes]:
+    """The bytes from ``first`` on as they are written, until nothing more will be."""
+    position = first
+    while True:
+        sent = position
+        async for data in _raw_chunks(manager, instance_id, source, position, None):
+            position += len(data)
+            yield data
+        if position > sent:
+            continue
+        try:
+            done = await manager.finished(instance_id)
+        except InstanceNotFound:
+            return
+        if done is not None:
+            async for data in _raw_chunks(manager, instance_id, source, position, None):
+                yield data
+            return
+        with anyio.move_on_after(RAW_POLL_SECONDS):
+            await (
+                anyio.sleep_forever()
+                if source == "dataplane"
+                else manager.output_copied(instance_id)
+            )
 
 
 def _end(instance: Instance) -> dict[str, Any]:

@@ -17,8 +17,10 @@ Records, in order: ARG (1, one per argv item), ENV (2, ``NAME=value``), WORKDIR 
 HOSTNAME (5), NET_ADDRESS (6: 4 address bytes + prefix length), NET_GATEWAY (7: 4 bytes),
 NET_DNS (8, text), NET_MAC (9: 6 bytes), VOLUME (10: u8 readonly, u16 LE source length, source,
 mount path), AGENT (11, text: the guest agent's transport, ``virtio-serial:NAME`` or
-``vsock:PORT``). Strings are UTF-8 and carried as bytes, so they arrive exactly as given; the only
-byte they cannot hold is NUL, which ``execve`` cannot pass either.
+``vsock:PORT``), OUTPUT (12, text: where the init relays the program's output, ``console`` for
+the virtio console or ``virtio-serial:NAME``; absent, the program writes to the serial port).
+Strings are UTF-8 and carried as bytes, so they arrive exactly as given; the only byte they
+cannot hold is NUL, which ``execve`` cannot pass either.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ MAX_SERIAL = 20
 
 TAG_ARG, TAG_ENV, TAG_WORKDIR, TAG_USER, TAG_HOSTNAME = 1, 2, 3, 4, 5
 TAG_NET_ADDRESS, TAG_NET_GATEWAY, TAG_NET_DNS, TAG_NET_MAC, TAG_VOLUME = 6, 7, 8, 9, 10
-TAG_AGENT = 11
+TAG_AGENT, TAG_OUTPUT = 11, 12
 _AGENT_TRANSPORT = re.compile(r"^(virtio-serial:[A-Za-z0-9_.-]{1,64}|vsock:[0-9]{1,10})$")
+_OUTPUT_TRANSPORT = re.compile(r"^(virtio-serial:[A-Za-z0-9_.-]{1,64}|console)$")
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62})$")
@@ -149,6 +152,12 @@ def encode_config(config: GuestConfig) -> bytes:
                 "vsock:PORT"
             )
         records.append(_record(TAG_AGENT, config.agent_transport.encode()))
+    if config.output_transport:
+        if not _OUTPUT_TRANSPORT.fullmatch(config.output_transport):
+            raise InvalidGuestConfig(
+                f"output {config.output_transport!r} is not console or virtio-serial:NAME"
+            )
+        records.append(_record(TAG_OUTPUT, config.output_transport.encode()))
     payload = b"".join(records)
     if len(payload) > MAX_PAYLOAD:
         raise InvalidGuestConfig(f"config of {len(payload)} bytes exceeds {MAX_PAYLOAD} bytes")

@@ -20,13 +20,17 @@ Each marker is a line of its own that starts with :data:`PREFIX`::
     :data:`ERROR_REASONS`; ``TEXT`` is for people and never contains a control character.
     ``exec-failed`` may follow ``program-started`` (the file exists but cannot be executed).
 
-Every marker is printed as ``"\\n" + PREFIX + ...  + "\\n"``: the leading newline keeps the
-marker on its own line when the program's last output had none. So the program's output is
-exactly the bytes between the end of the ``program-started`` line and the newline that
-precedes the next marker (:func:`program_output`).
+Markers go to the serial port. Where the config names an output channel, the program's output
+goes there instead (through the init's relay) and the serial port holds only the kernel's lines
+and the markers. Without one, the program writes to the serial port too: every marker is then
+printed as ``"\\n" + PREFIX + ...  + "\\n"``, the leading newline keeping the marker on its
+own line when the program's last output had none, and the program's output is exactly the
+bytes between the end of the ``program-started`` line and the newline that precedes the next
+marker (:func:`program_output`).
 
-The program shares the console, so it could print a line that looks like a marker; consumers
-that need certainty should treat markers as reports of a well-behaved guest, not as proof.
+A program running as root in the guest can still open the serial port and print a line that
+looks like a marker; consumers that need certainty should treat markers as reports of a
+well-behaved guest, not as proof.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from .errors import KernelModuleError
 
 # What the guest needs, by module name, in groups the init loads when it needs them: "core"
 # first (disks must appear), "erofs" only for an erofs disk, "overlay" for the root, "net"
-# only with a network config, then, right after the program started (so that modules the boot
+# only with a network config, "console" (the program's output goes to the virtio console)
+# just before the program starts, then, right after it started (so that modules the boot
 # does not wait for cost the boot nothing), "power" (the ACPI power button and evdev, through
 # which the init hears a graceful-stop request) and everything not loaded yet. Dependencies
 # (virtio_ring, libcrc32c, failover, …) come from modules.dep. virtio_mmio serves VMMs that
@@ -23,8 +24,9 @@ GUEST_MODULE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("erofs", ("erofs",)),
     ("overlay", ("overlay",)),
     ("net", ("virtio_net",)),
+    ("console", ("virtio_console",)),
     ("power", ("evdev", "button")),
-    ("late", ("virtio_console", "vmw_vsock_virtio_transport")),
+    ("late", ("vmw_vsock_virtio_transport",)),
 )
 GUEST_MODULES: tuple[str, ...] = tuple(m for _, group in GUEST_MODULE_GROUPS for m in group)
 

@@ -71,6 +71,9 @@ class GuestConfig:
     agent_transport: str = ""
     """Where the guest agent finds its channel: ``virtio-serial:NAME`` or ``vsock:PORT``; empty
     lets the agent try both (see ``managers/agent/PROTOCOL.md``)."""
+    output_transport: str = ""
+    """Where the init relays the program's stdout and stderr: ``console`` (the virtio console,
+    ``hvc0``) or ``virtio-serial:NAME``; empty, the program writes to the serial port."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entrypoint", tuple(self.entrypoint))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .agent_socket import agent_transport
+from .agent_socket import agent_transport, output_transport
 from .base import HypervisorBackend, Vmm
 from .errors import (
     HypervisorError,
@@ -56,6 +56,7 @@ __all__ = [
     "WrongState",
     "agent_transport",
     "open_backend",
+    "output_transport",
     "terminate_recorded",
     "vmm_pids",
 ]

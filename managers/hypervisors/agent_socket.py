@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteStream
 
-from .qemu_argv import AGENT_PORT_NAME
+from .qemu_argv import AGENT_PORT_NAME, OUTPUT_PORT_NAME
 from .types import BackendKind
 
 AGENT_VSOCK_PORT = 1024
@@ -31,6 +31,14 @@ def agent_transport(kind: BackendKind) -> str:
     if kind is BackendKind.QEMU:
         return f"virtio-serial:{AGENT_PORT_NAME}"
     return f"vsock:{AGENT_VSOCK_PORT}"
+
+
+def output_transport(kind: BackendKind) -> str:
+    """The channel the guest's init relays the program's output to, as the config disk says
+    (the VM has it when its spec sets ``output_file``)."""
+    if kind is BackendKind.QEMU:
+        return f"virtio-serial:{OUTPUT_PORT_NAME}"
+    return "console"
 
 
 class UnixStream(ByteStream):

@@ -38,8 +38,14 @@ def vm_config(spec: VmSpec, agent_socket: Path | None = None) -> dict[str, Any]:
         "memory": memory,
         "payload": payload,
         "disks": [disk_config(disk) for disk in spec.disks],
-        # The virtio console is off; the guest logs to the serial port, which goes to a file.
-        "console": {"mode": "Off"},
+        # The serial port carries the kernel's console and the init's markers; the virtio
+        # console, when there is one, the program's output (Cloud Hypervisor has no
+        # virtio-serial ports).
+        "console": (
+            {"mode": "File", "file": str(spec.output_file)}
+            if spec.output_file is not None
+            else {"mode": "Off"}
+        ),
         "serial": {"mode": "File", "file": str(spec.serial_file)},
         "rng": {"src": "/dev/urandom"},
     }
@@ -65,6 +71,13 @@ def rewrite_snapshot_config(config: dict[str, Any], changes: SpecChanges) -> lis
             disk["path"] = str(new_path)
     if changes.serial_file is not None:
         config["serial"] = {"mode": "File", "file": str(changes.serial_file)}
+    console = config.get("console")
+    if (
+        changes.output_file is not None
+        and isinstance(console, dict)
+        and console.get("mode") == "File"
+    ):
+        console["file"] = str(changes.output_file)
     vsock = config.get("vsock")
     if changes.agent_socket is not None and isinstance(vsock, dict):
         # A restored VMM makes its own vsock socket: in the instance's folder, not the source's.
@@ -88,4 +101,8 @@ def rewrite_snapshot_config(config: dict[str, Any], changes: SpecChanges) -> lis
     serial_file = serial.get("file") if serial.get("mode") == "File" else None
     if isinstance(serial_file, str) and not Path(serial_file).parent.is_dir():
         problems.append(f"serial file folder for {serial['file']!r} does not exist")
+    console = config.get("console") or {}
+    output_file = console.get("file") if console.get("mode") == "File" else None
+    if isinstance(output_file, str) and not Path(output_file).parent.is_dir():
+        problems.append(f"console file folder for {console['file']!r} does not exist")
     return problems

@@ -117,13 +117,19 @@ class VmSpec:
     """Everything needed to create and boot a VM.
 
     ``memory_max_mb`` above ``memory_mb`` reserves room for :meth:`Vmm.resize_memory`.
-    The serial console goes to ``serial_file``; no other console is attached. ``agent`` adds
-    the guest agent's channel (a virtio-serial port on QEMU, vsock on Cloud Hypervisor), whose
-    host end is the VMM's ``agent.sock``.
+    The serial port (the kernel's console: early boot, panics, our init's markers) goes to
+    ``serial_file``. ``output_file``, when set, adds the channel the init sends the program's
+    output to, written to that file: a virtio-serial port named ``dataplane.output`` on QEMU,
+    the virtio console (``hvc0``) on Cloud Hypervisor, which has no other (see
+    :func:`output_transport`). Either moves output in buffers where the emulated UART traps on
+    every byte. ``agent``
+    adds the guest agent's channel (a virtio-serial port on QEMU, vsock on Cloud Hypervisor),
+    whose host end is the VMM's ``agent.sock``.
     """
 
     kernel: Path
     serial_file: Path
+    output_file: Path | None = None
     cmdline: str = ""
     initrd: Path | None = None
     vcpus: int = 1
@@ -140,7 +146,10 @@ class VmSpec:
     def problems(self) -> list[str]:
         """Every reason this spec cannot be booted, checked before any process starts."""
         found: list[str] = []
-        for name, value in (("kernel", self.kernel), ("serial_file", self.serial_file)):
+        named = [("kernel", self.kernel), ("serial_file", self.serial_file)]
+        if self.output_file is not None:
+            named.append(("output_file", self.output_file))
+        for name, value in named:
             if not value.is_absolute():
                 found.append(f"{name} path {str(value)!r} must be absolute")
         if not self.kernel.is_file():
@@ -171,6 +180,7 @@ class VmSpec:
         return {
             "kernel": str(self.kernel),
             "serial_file": str(self.serial_file),
+            "output_file": str(self.output_file) if self.output_file else None,
             "cmdline": self.cmdline,
             "initrd": str(self.initrd) if self.initrd else None,
             "vcpus": self.vcpus,
@@ -186,6 +196,8 @@ class VmSpec:
         return cls(
             kernel=Path(data["kernel"]),
             serial_file=Path(data["serial_file"]),
+            # Absent from records written before guests had an output channel.
+            output_file=Path(data["output_file"]) if data.get("output_file") else None,
             cmdline=str(data.get("cmdline", "")),
             initrd=Path(data["initrd"]) if data.get("initrd") else None,
             vcpus=int(data["vcpus"]),
@@ -207,6 +219,7 @@ class SpecChanges:
 
     disk_paths: dict[str, Path] = field(default_factory=dict)
     serial_file: Path | None = None
+    output_file: Path | None = None
     tap: str | None = None
     kernel: Path | None = None
     initrd: Path | None = None
@@ -224,6 +237,8 @@ class SpecChanges:
             disks=disks,
             net=net,
             serial_file=self.serial_file or spec.serial_file,
+            # A snapshot's devices are fixed: a VM booted without the channel restores without it.
+            output_file=(self.output_file or spec.output_file) if spec.output_file else None,
             kernel=self.kernel or spec.kernel,
             initrd=self.initrd or spec.initrd,
         )

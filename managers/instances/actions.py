@@ -34,8 +34,7 @@ async def boot(ctx: Context, record: InstanceRecord, live: Live, *, tap_failpoin
     try:
         if await ctx.create_tap(record):
             failpoint(tap_failpoint)
-        await anyio.to_thread.run_sync(ctx.paths.instance_serial_raw(instance_id).unlink, True)
-        await anyio.to_thread.run_sync(live.pump.new_serial)
+        await ctx.new_output_files(instance_id, live)
         await anyio.to_thread.run_sync(live.pump.new_boot)
         vmm = await backend.start_vmm(instance_id, ctx.paths.instance_dir(instance_id))
         live.vmm = vmm

@@ -36,7 +36,7 @@ from managers.instances.errors import InstanceNotFound, InstanceQuarantined, Inv
 from managers.instances.logs import DEFAULT_RETENTION_BYTES, LogTally, SegmentedLog
 from managers.instances.pump import LogPump, PumpSet
 from managers.instances.store import InstanceStore
-from managers.instances.types import Instance, InstanceRecord, QuarantineInfo
+from managers.instances.types import PUMPED_SOURCES, Instance, InstanceRecord, QuarantineInfo
 from managers.network import Allocation, Bandwidth, GuestNetwork
 from managers.paths import Paths
 from managers.resources import Demand
@@ -235,18 +235,14 @@ class Context:
         live = self.live.get(instance_id)
         if live is None:
             paths = self.paths
-            logs = paths.instance_logs(instance_id)
             live = Live(
                 lock=anyio.Lock(),
                 pump=LogPump(
+                    instance_id=instance_id,
                     serial_raw=paths.instance_serial_raw(instance_id),
+                    output_raw=paths.instance_output_raw(instance_id),
                     vmm_raw=paths.instance_vmm_raw(instance_id),
-                    app_log=SegmentedLog(
-                        logs, "app", retention_bytes=self.log_retention_bytes, tally=self.log_tally
-                    ),
-                    vmm_log=SegmentedLog(
-                        logs, "vmm", retention_bytes=self.log_retention_bytes, tally=self.log_tally
-                    ),
+                    logs={source: self.log(instance_id, source) for source in PUMPED_SOURCES},
                     state_file=paths.instance_pump_state(instance_id),
                     status_file=paths.instance_guest_status(instance_id),
                 ),
@@ -262,6 +258,28 @@ class Context:
                 "which this node does not have"
             )
         return backend
+
+    def log(self, instance_id: str, source: str) -> SegmentedLog:
+        """One source's log of an instance, with the node's retention."""
+        return SegmentedLog(
+            self.paths.instance_logs(instance_id),
+            source,
+            retention_bytes=self.log_retention_bytes,
+            tally=self.log_tally,
+        )
+
+    async def new_output_files(self, instance_id: str, live: Live) -> None:
+        """Before a new VMM: remove the serial and output files the last one wrote.
+
+        The new VMM then writes new files (not truncated ones), which the pump, told so,
+        reads from their start."""
+        paths = self.paths
+        for raw in (
+            paths.instance_serial_raw(instance_id),
+            paths.instance_output_raw(instance_id),
+        ):
+            await anyio.to_thread.run_sync(raw.unlink, True)
+        await anyio.to_thread.run_sync(live.pump.new_vmm)
 
     def start_pump(self, instance_id: str) -> None:
         self.pumps.add(instance_id, self.live_for(instance_id).pump)
@@ -357,6 +375,7 @@ class Context:
             ),
             net=NetSpec(tap=network.tap or "", mac=network.mac or "") if network.enabled else None,
             serial_file=self.paths.instance_serial_raw(record.id),
+            output_file=self.paths.instance_output_raw(record.id),
             agent=True,
         )
 

@@ -23,7 +23,7 @@ from managers.guest import (
     create_overlay_disk,
     write_config_disk,
 )
-from managers.hypervisors import BackendKind, agent_transport
+from managers.hypervisors import BackendKind, agent_transport, output_transport
 from managers.images.errors import ImageNotFound
 from managers.instances.actions import boot
 from managers.instances.allocations import boot_demand, held
@@ -263,6 +263,7 @@ def guest_config(record: InstanceRecord, image: ImageLike) -> GuestConfig:
         if network.enabled
         else None,
         agent_transport=agent_transport(BackendKind(record.hypervisor)),
+        output_transport=output_transport(BackendKind(record.hypervisor)),
         volumes=tuple(
             VolumeMount(disk_serial(v.volume_id), v.mount_path, v.readonly) for v in record.volumes
         ),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -110,7 +110,7 @@ class LogTally:
 
 
 class SegmentedLog:
-    """One source's log (``app``, ``vmm`` or ``dataplane``) in one folder."""
+    """One source's log (``app``, ``console``, ``vmm`` or ``dataplane``) in one folder."""
 
     def __init__(
         self,
@@ -158,6 +158,7 @@ class SegmentedLog:
         """Append ``data``; a single writer per log is assumed (the pump or our logger)."""
         if not data:
             return
+        original = data
         # Never its parents: a line about an instance being deleted must not bring its folder
         # back (the next start would find a folder without a record).
         self.folder.mkdir(exist_ok=True)
@@ -169,22 +170,32 @@ class SegmentedLog:
             current = _Segment(0, self._path(0))
             size = 0
         # A new segment starts only after a complete line, so no line is ever split
-        # across two segments; a line that never ends is cut at twice the size.
-        if (
-            size > 0
-            and size + len(data) > self.segment_bytes
-            and (size >= 2 * self.segment_bytes or _ends_with_newline(current.path))
-        ):
-            current = _Segment(current.start + size, self._path(current.start + size))
-            segments.append(current)
-        with open(current.path, "ab", opener=_private) as handle:
-            handle.write(data)
+        # across two segments: a full segment takes the rest of its last line from ``data``
+        # first. A line that never ends is cut at twice the size.
+        if size > 0 and size + len(data) > self.segment_bytes:
+            if not _ends_with_newline(current.path):
+                newline = data.find(b"\n")
+                if newline == -1 and size < 2 * self.segment_bytes:
+                    _write(current.path, data)
+                    self._count(len(data), 0)
+                    return
+                if newline != -1:
+                    _write(current.path, data[: newline + 1])
+                    size += newline + 1
+                    data = data[newline + 1 :]
+            if data:
+                current = _Segment(current.start + size, self._path(current.start + size))
+                segments.append(current)
+        _write(current.path, data)
         dropped = 0
         for old in segments[: -self.keep]:
             dropped += old.size()
             old.path.unlink(missing_ok=True)
+        self._count(len(original), dropped)
+
+    def _count(self, written: int, dropped: int) -> None:
         if self.tally is not None:
-            self.tally.add(self.source, len(data), dropped)
+            self.tally.add(self.source, written, dropped)
 
     def _path(self, start: int) -> Path:
         return self.folder / f"{self.source}-{start:015d}.log"
@@ -228,6 +239,30 @@ class SegmentedLog:
                     break
         return lines, position
 
+    def read_bytes(self, offset: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes exactly as written, from global ``offset`` on.
+
+        Empty at the end; a read from an offset rotated away starts at the oldest byte kept,
+        so callers that must know check :meth:`start` first."""
+        out = bytearray()
+        position = offset
+        for segment in self._segments():
+            if len(out) >= limit:
+                break
+            position = max(position, segment.start)
+            end = segment.start + segment.size()
+            if position >= end:
+                continue
+            try:
+                with segment.path.open("rb") as handle:
+                    handle.seek(position - segment.start)
+                    data = handle.read(min(end - position, limit - len(out)))
+            except FileNotFoundError:
+                continue
+            out += data
+            position += len(data)
+        return bytes(out)
+
     def resume(self, offset: int) -> Resume:
         """Where to continue for a client that saw everything before ``offset``.
 
@@ -268,19 +303,27 @@ class SegmentedLog:
             window *= 4
 
     async def follow(
-        self, offset: int, *, poll_seconds: float = 0.1
+        self,
+        offset: int,
+        *,
+        poll_seconds: float = 0.1,
+        written: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[list[LogLine]]:
         """Batches of new lines as they are written; an empty batch when a poll found none.
 
         Polling a file's size is cheap and works for every writer (our pump, our own
         logger) without inotify plumbing; the poll interval bounds the added latency.
+        ``written``, when given, returns once the writer has written something, which ends
+        the wait early (the pump's cue, so a line does not wait for the poll as well).
         """
         position = offset
         while True:
             lines, position = await anyio.to_thread.run_sync(self.read_lines, position)
             yield lines
-            if not lines:
-                await anyio.sleep(poll_seconds)
+            if lines:
+                continue
+            with anyio.move_on_after(poll_seconds):
+                await (anyio.sleep_forever() if written is None else written())
 
 
 def _split_lines(data: bytes, base: int, out: list[LogLine], *, final: bool) -> int:
@@ -339,6 +382,12 @@ def _ends_with_newline(path: Path) -> bool:
             return handle.read(1) == b"\n"
     except OSError:
         return True
+
+
+def _write(path: Path, data: bytes) -> None:
+    if data:
+        with open(path, "ab", opener=_private) as handle:
+            handle.write(data)
 
 
 def _private(path: str, flags: int) -> int:

@@ -352,7 +352,7 @@ class InstanceManager:
 
     # -- logs -------------------------------------------------------------------------
     async def log_for(self, key: str, source: str) -> SegmentedLog:
-        """The segmented log of one source (``app``, ``vmm`` or ``dataplane``)."""
+        """The segmented log of one source (``app``, ``console``, ``vmm`` or ``dataplane``)."""
         if source not in LOG_SOURCES:
             raise InvalidInstanceSpec(f"unknown log source {source!r}")
         return SegmentedLog(self._ctx.paths.instance_logs(self._ctx.resolve(key)), source)
@@ -382,6 +382,18 @@ class InstanceManager:
             return LogRead(*log_file.read_lines(0, final=final))
 
         return await anyio.to_thread.run_sync(read)
+
+    async def output_copied(self, key: str) -> None:
+        """Wait until the log pump next copies output of the instance into its logs."""
+        await self._ctx.pumps.copied(self._ctx.resolve(key))
+
+    async def log_extent(self, key: str, source: str) -> tuple[int, int]:
+        """(the oldest offset kept, the end) of one source's log, the pump drained first."""
+        log_file = await self.log_for(key, source)
+        live = self._ctx.live.get(self._ctx.resolve(key))
+        if live is not None:
+            await anyio.to_thread.run_sync(live.pump.drain)
+        return await anyio.to_thread.run_sync(lambda: (log_file.start(), log_file.end()))
 
     async def finished(self, key: str) -> Instance | None:
         """The instance once nothing more will be written to its logs; None while it may be.

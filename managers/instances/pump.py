@@ -1,15 +1,24 @@
 """The log pump: raw VMM output files -> bounded instance logs, and guest markers -> status.
 
-The VMM writes the guest's serial console and its own stdout/stderr to plain
-files it owns. One pump per instance copies what is new into the segmented
-``app`` and ``vmm`` logs (which rotate, keep global offsets and survive
-restore, so before and after a standby are one stream), and reads the init's
-markers on the way to tell when the program started and how it exited.
+The VMM writes three plain files it owns: the guest's output channel (``output.raw``, the
+program's stdout and stderr), its serial port (``serial.raw``: the kernel's console and the
+init's markers) and its own stdout/stderr. One pump per instance copies what is new into the
+segmented logs, which rotate, keep global offsets and survive restore, so before and after a
+standby are one stream:
 
-Its position in each raw file is saved in ``pump.json`` so a restarted
-dataplane continues where it stopped; a raw file that shrank or has another
-inode is read from its beginning, and so is the new serial file of a new VMM
-(the old one is removed first and the pump told so: :meth:`LogPump.new_serial`).
+- the output channel, byte for byte, into ``app``;
+- the serial port into ``console``, except the init's markers (and the blank line each marker
+  starts with), which become the guest status (when the program started, how it exited) and
+  structured lines of the ``dataplane`` log;
+- the VMM's own output into ``vmm``.
+
+An instance made before guests had an output channel (its config disk names none) still
+writes its program's output to the serial port: that output is then in ``console``.
+
+Its position in each raw file is saved in ``pump.json`` so a restarted dataplane continues
+where it stopped; a raw file that shrank or has another inode is read from its beginning, and
+so are the new files of a new VMM (the old ones are removed first and the pump told so:
+:meth:`LogPump.new_vmm`).
 
 The pumps of all running instances are driven by one :class:`PumpSet`: a single
 worker-thread hop per tick drains them all, where a task per instance cost a hop
@@ -24,7 +33,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +43,8 @@ import anyio.lowlevel
 
 from managers.atomic import write_json_atomic
 from managers.clock import now_iso
-from managers.guest import MarkerKind, parse_marker
+from managers.guest import Marker, MarkerKind, parse_marker
+from managers.guest.markers import PREFIX
 from managers.instances.logs import SegmentedLog
 from managers.instances.types import GuestStatus
 
@@ -48,6 +58,9 @@ BOOT_WATCH_SECONDS = 60.0
 # offset, so this is safe whatever mode the VMM opened the file in, and the disk
 # space of a chatty guest stays bounded between two boots.
 PUNCH_BYTES = 1024 * 1024
+# A serial line longer than this without its newline is passed on as it is.
+MAX_PENDING = 4096
+_PREFIX = PREFIX.encode()
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,12 +78,11 @@ def punch_hole(path: Path, start: int, end: int) -> bool:
 
 
 class _Source:
-    def __init__(self, raw: Path, target: SegmentedLog) -> None:
+    def __init__(self, raw: Path, target: SegmentedLog | None) -> None:
         self.raw = raw
         self.target = target
         self.inode = 0
         self.offset = 0
-        self.partial = b""
         self.punched = 0
 
     def state(self) -> dict[str, int]:
@@ -84,10 +96,11 @@ class _Source:
         """Read the file from its start; -1 matches no file, so the next one is new."""
         self.inode = inode
         self.offset = 0
-        self.partial = b""
         self.punched = 0
 
     def read_new(self) -> bytes:
+        """What the VMM wrote since the last call, at most :data:`CHUNK` bytes; copied into
+        the target log when there is one."""
         try:
             stat = os.stat(self.raw)
         except FileNotFoundError:
@@ -100,7 +113,8 @@ class _Source:
             handle.seek(self.offset)
             data = handle.read(min(CHUNK, stat.st_size - self.offset))
         self.offset += len(data)
-        self.target.append(data)
+        if self.target is not None:
+            self.target.append(data)
         if self.offset - self.punched >= PUNCH_BYTES:
             end = self.offset - self.offset % 4096
             with contextlib.suppress(OSError):
@@ -109,20 +123,66 @@ class _Source:
         return data
 
 
+class _SerialScanner:
+    """Splits the serial port's bytes into markers and the rest, line by line.
+
+    A line without its newline yet waits (up to :data:`MAX_PENDING` bytes, beyond which it is
+    passed on as it is); an empty line waits for the next one, since a marker begins with one.
+    """
+
+    def __init__(self) -> None:
+        self.partial = b""
+        self.blank = False
+
+    def reset(self) -> None:
+        self.partial = b""
+        self.blank = False
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Marker]]:
+        """(the bytes for the ``console`` log, the markers found) in ``data``."""
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        kept: list[bytes] = []
+        markers: list[Marker] = []
+        for raw in lines:
+            marker = (
+                parse_marker(raw.decode("utf-8", "replace")) if raw.startswith(_PREFIX) else None
+            )
+            if marker is not None:
+                markers.append(marker)
+                self.blank = False
+                continue
+            if self.blank:
+                kept.append(b"")
+            self.blank = raw == b""
+            if not self.blank:
+                kept.append(raw)
+        out = b"".join(line + b"\n" for line in kept)
+        if len(self.partial) > MAX_PENDING:
+            out += self.partial
+            self.partial = b""
+        return out, markers
+
+
 class LogPump:
     def __init__(
         self,
         *,
+        instance_id: str,
         serial_raw: Path,
+        output_raw: Path,
         vmm_raw: Path,
-        app_log: SegmentedLog,
-        vmm_log: SegmentedLog,
+        logs: Mapping[str, SegmentedLog],
         state_file: Path,
         status_file: Path,
         on_status: Callable[[GuestStatus], None] | None = None,
     ) -> None:
-        self._serial = _Source(serial_raw, app_log)
-        self._vmm = _Source(vmm_raw, vmm_log)
+        self._instance_id = instance_id
+        self._serial = _Source(serial_raw, None)
+        self._scanner = _SerialScanner()
+        self._console_log = logs["console"]
+        self._output = _Source(output_raw, logs["app"])
+        self._vmm = _Source(vmm_raw, logs["vmm"])
         self._state_file = state_file
         self._status_file = status_file
         self._on_status = on_status
@@ -132,18 +192,21 @@ class LogPump:
         self.status = read_status(status_file)
         self._load()
 
+    def _sources(self) -> dict[str, _Source]:
+        return {"serial": self._serial, "output": self._output, "vmm": self._vmm}
+
     def _load(self) -> None:
         try:
             data = json.loads(self._state_file.read_text())
         except (OSError, ValueError):
             return
         if isinstance(data, dict):
-            self._serial.restore(data.get("serial") or {})
-            self._vmm.restore(data.get("vmm") or {})
+            for name, source in self._sources().items():
+                source.restore(data.get(name) or {})
 
     def _save(self) -> None:
         write_json_atomic(
-            self._state_file, {"serial": self._serial.state(), "vmm": self._vmm.state()}
+            self._state_file, {name: source.state() for name, source in self._sources().items()}
         )
 
     @property
@@ -152,14 +215,16 @@ class LogPump:
         status = self.status
         return status.program_started_at is None and status.exited_at is None
 
-    def new_serial(self) -> None:
-        """The serial file was removed and a new VMM will write a new one: read it from 0.
+    def new_vmm(self) -> None:
+        """The VMM's files were removed and a new VMM will write new ones: read them from 0.
 
-        Its inode cannot tell them apart: a new file often gets the number the removed one had,
-        and a new boot's output the same length as the old would then never be read.
+        Their inodes cannot tell them apart: a new file often gets the number the removed one
+        had, and a new boot's output the same length as the old would then never be read.
         """
         with self._lock:
             self._serial.reset()
+            self._scanner.reset()
+            self._output.reset()
             self._save()
 
     def new_boot(self) -> GuestStatus:
@@ -180,11 +245,16 @@ class LogPump:
     def _drain(self, whole: bool) -> bool:
         moved = False
         while True:
+            # The serial port first: once it shows that the program exited, everything the
+            # program wrote is already in the output file (the init relays the last of it
+            # before the marker, and the VMM has written what it was handed: under TCG before
+            # the guest's write returned, under KVM from its own thread microseconds later).
             serial = self._serial.read_new()
+            output = self._output.read_new()
             vmm = self._vmm.read_new()
             if serial:
                 self._scan(serial)
-            if not serial and not vmm:
+            if not serial and not output and not vmm:
                 break
             moved = True
             if not whole:
@@ -194,28 +264,34 @@ class LogPump:
         return moved
 
     def _scan(self, data: bytes) -> None:
-        text = self._serial.partial + data
-        lines = text.split(b"\n")
-        self._serial.partial = lines.pop()[-4096:]
+        text, markers = self._scanner.feed(data)
+        self._console_log.append(text)
         status = self.status
-        for raw in lines:
-            if b"@@dataplane-guest@@" not in raw:
-                continue
-            marker = parse_marker(raw.decode("utf-8", "replace"))
-            if marker is None:
-                continue
-            if marker.kind is MarkerKind.PROGRAM_STARTED:
-                status = replace(status, program_started_at=now_iso())
-            elif marker.kind is MarkerKind.PROGRAM_EXITED:
-                status = replace(status, exited_at=now_iso(), exit_code=marker.exit_code)
-            elif marker.kind is MarkerKind.ERROR:
-                detail = f": {marker.detail}" if marker.detail else ""
-                status = replace(status, exited_at=now_iso(), error=f"{marker.reason}{detail}")
+        for marker in markers:
+            status = self._apply(status, marker)
         if status != self.status:
             self.status = status
             write_json_atomic(self._status_file, status.to_dict())
             if self._on_status is not None:
                 self._on_status(status)
+
+    def _apply(self, status: GuestStatus, marker: Marker) -> GuestStatus:
+        """The status after ``marker``, which also becomes a line of the ``dataplane`` log."""
+        extra: dict[str, object] = {"instance_id": self._instance_id, "guest": str(marker.kind)}
+        if marker.kind is MarkerKind.PROGRAM_STARTED:
+            log.info("guest: the program started", extra=extra)
+            return replace(status, program_started_at=now_iso())
+        if marker.kind is MarkerKind.PROGRAM_EXITED:
+            extra["exit_code"] = marker.exit_code
+            log.info("guest: the program exited with code %s", marker.exit_code, extra=extra)
+            return replace(status, exited_at=now_iso(), exit_code=marker.exit_code)
+        if marker.kind is MarkerKind.ERROR:
+            extra |= {"reason": marker.reason, "detail": marker.detail}
+            detail = f": {marker.detail}" if marker.detail else ""
+            log.warning("guest: %s%s", marker.reason, detail, extra=extra)
+            return replace(status, exited_at=now_iso(), error=f"{marker.reason}{detail}")
+        log.info("guest: the init started", extra=extra)
+        return status
 
 
 class Drainable(Protocol):
@@ -246,6 +322,8 @@ class PumpSet:
         self._current: str | None = None
         self._failing: set[str] = set()
         self._added = anyio.Event()
+        # key -> the event the next drain that copies something of that key sets.
+        self._copied: dict[str, anyio.Event] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self._pumps
@@ -266,6 +344,13 @@ class PumpSet:
         while self._current == key:  # noqa: ASYNC110 - set by the worker thread
             await anyio.sleep(0.001)
 
+    async def copied(self, key: str) -> None:
+        """Wait until a drain of ``key`` copies something (a follower's cue to read)."""
+        event = self._copied.get(key)
+        if event is None:
+            event = self._copied[key] = anyio.Event()
+        await event.wait()
+
     async def run(self) -> None:
         """Drain until cancelled (a pass under way finishes first)."""
         hot: set[str] = set()
@@ -281,6 +366,10 @@ class PumpSet:
             else:
                 keys = [k for k in self._pumps if k in hot or self._watched(k, now)]
             hot = await anyio.to_thread.run_sync(self._drain, keys) if keys else set()
+            for key in hot:
+                copied = self._copied.pop(key, None)
+                if copied is not None:
+                    copied.set()
             if hot:
                 await anyio.lowlevel.checkpoint()
                 continue

@@ -111,13 +111,11 @@ async def restore(ctx: Context, record: InstanceRecord, live: Live, state: Insta
         if await ctx.create_tap(record):
             failpoint("restore.tap")
         step = "restore the VM"
-        # The new VMM writes the serial file afresh; a new file (not a truncated one) lets
-        # the log pump tell it from the old one it has fully read.
-        await anyio.to_thread.run_sync(ctx.paths.instance_serial_raw(record.id).unlink, True)
-        await anyio.to_thread.run_sync(live.pump.new_serial)
+        await ctx.new_output_files(record.id, live)
         changes = SpecChanges(
             disk_paths=ctx.disk_paths(record),
             serial_file=ctx.paths.instance_serial_raw(record.id),
+            output_file=ctx.paths.instance_output_raw(record.id),
             tap=record.network.tap,
         )
         live.vmm = await ctx.backend(record).restore(

@@ -6,8 +6,9 @@ One registry, one image (the counter program of the end-to-end tests), one datap
 1. QEMU/TCG create -> ``Running``: ``POST /instances`` and a ``GET`` every ~10 ms until the
    state is ``Running``, against the same guest launched by hand (same kernel, initrd, command
    line; the image disk the dataplane built, a fresh overlay from ``create_overlay_disk``, a
-   config disk from ``write_config_disk`` with the same entrypoint), timed from making its disks
-   to the program-started marker in its serial file. Interleaved; medians; target ratio <= 1.15.
+   config disk from ``write_config_disk`` with the same entrypoint, the same output channel),
+   timed from making its disks to the program-started marker in its serial file. Interleaved;
+   medians; target ratio <= 1.15.
 2. QEMU/TCG standby and restore: ``POST .../standby`` and ``POST .../restore`` (until it answers
    ``Running``) against raw QMP on a hand-launched QEMU of the same guest: ``stop`` + ``migrate``
    to ``exec:cat > FILE`` until completed + ``quit`` (until the process is gone), and a new QEMU
@@ -55,6 +56,8 @@ from managers.guest import (
     write_config_disk,
 )
 from managers.guest.markers import PREFIX
+from managers.hypervisors import BackendKind, output_transport
+from managers.hypervisors.qemu_argv import OUTPUT_PORT_NAME
 from managers.paths import Paths
 from tests.support.apps import COUNTER, push_app
 from tests.support.artifacts import shared_artifacts
@@ -220,6 +223,13 @@ class RawGuest:
                 "-device",
                 f"virtio-blk-pci,id={name},drive={name},bus=pci.0,addr={hex(slot)},serial={name}",
             ]  # fmt: skip
+        # The virtio-serial controller and the program's output port, as every instance has
+        # them (the agent's port beside it is left out: nothing talks to it here).
+        argv += [
+            "-device", f"virtio-serial-pci,id=vser,bus=pci.0,addr={hex(slot + 1)}",
+            "-chardev", f"file,id=out,path={serial.with_suffix('.output')}",
+            "-device", f"virtserialport,bus=vser.0,chardev=out,name={OUTPUT_PORT_NAME}",
+        ]  # fmt: skip
         if incoming is not None:
             argv += ["-incoming", f"exec:cat {incoming}"]
         return argv
@@ -565,7 +575,10 @@ def world(tmp: Path, processes: Processes, memory_mb: int, overlay_mb: int) -> I
                     image_disk=Paths(data_dir).image_disk(built["digest"], built["format"]),
                     # What the dataplane derives from the image's config for an instance.
                     config=GuestConfig(
-                        entrypoint=("/app/counter",), env={"PATH": "/bin"}, workdir="/app"
+                        entrypoint=("/app/counter",),
+                        env={"PATH": "/bin"},
+                        workdir="/app",
+                        output_transport=output_transport(BackendKind.QEMU),
                     ),
                     memory_mb=memory_mb,
                     overlay_mb=overlay_mb,

@@ -383,3 +383,57 @@ def test_metrics_follow_a_real_create_pause_and_delete(live: Live) -> None:
         frozenset({("method", "DELETE"), ("route", "/instances/{id}"), ("status", "204")}),
     )
     assert after[deleted_key] == during.get(deleted_key, 0.0) + 1
+
+
+# Binary, invalid UTF-8, CR LF, NUL, an escape sequence and no final newline.
+EXACT = b"text\r\n\x01\xff\xfe bin\x00zero\n\x1b[1mbold\x1b[0m\nlast, unended"
+
+
+def _printf_octal(data: bytes) -> str:
+    return "".join(f"\\{byte:03o}" for byte in data)
+
+
+def _sse_ids(body: str) -> list[int]:
+    return [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+
+
+def test_app_log_is_the_programs_bytes_exactly(live: Live) -> None:
+    client = live.client
+    created = run_script(live, "exact", f"printf '{_printf_octal(EXACT)}'; exit 3")
+    instance_id = created["id"]
+    follow = client.get(f"/instances/{instance_id}/logs?format=raw&follow=true")
+    assert follow.status_code == 200
+    assert follow.content == EXACT, "a raw follow ends with the program, every byte sent"
+    wait_state(client, instance_id, "Stopped")
+    raw = client.get(f"/instances/{instance_id}/logs?format=raw")
+    assert raw.headers["content-type"] == "application/octet-stream"
+    assert raw.headers["log-offset"] == "0"
+    assert raw.content == EXACT
+
+    # Each SSE id is where its line ends: a Range between two ids is that line, exactly.
+    ids = _sse_ids(client.get(f"/instances/{instance_id}/logs").text)
+    assert ids[-1] == len(EXACT)
+    second = client.get(
+        f"/instances/{instance_id}/logs?format=raw",
+        headers={"Range": f"bytes={ids[0]}-{ids[1] - 1}"},
+    )
+    assert second.status_code == 206
+    assert second.headers["content-range"] == f"bytes {ids[0]}-{ids[1] - 1}/{len(EXACT)}"
+    assert second.content == b"\x01\xff\xfe bin\x00zero\n"
+    beyond = client.get(
+        f"/instances/{instance_id}/logs?format=raw", headers={"Range": f"bytes={len(EXACT)}-"}
+    )
+    assert beyond.status_code == 416
+    assert beyond.json()["code"] == "range_not_satisfiable"
+    assert beyond.headers["content-range"] == f"bytes */{len(EXACT)}"
+
+    # Only the program's output is in app; the guest's reports are the dataplane's lines and
+    # the kernel's are the console's.
+    assert b"@@dataplane-guest@@" not in raw.content
+    console = client.get(f"/instances/{instance_id}/logs?source=console&format=raw").content
+    assert b"@@dataplane-guest@@" not in console
+    assert b"reboot: Power down" in console
+    dataplane = client.get(f"/instances/{instance_id}/logs?source=dataplane&format=text").text
+    assert "guest: the program started" in dataplane
+    assert "guest: the program exited with code 3" in dataplane
+    assert client.delete(f"/instances/{instance_id}").status_code == 204

@@ -143,6 +143,47 @@ async def test_snapshot_files_and_tap_rewrite(harness: Harness, tmp_path: Path) 
     assert json.loads((snapshot / "config.json").read_text())["net"][0]["tap"] == "tap-new"
 
 
+async def test_a_output_file_follows_a_restore_and_only_where_there_was_one(
+    harness: Harness, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "vm"
+    backend = harness.backend()
+    spec = replace(harness.spec(workdir), output_file=workdir / "output.raw")
+    vmm = harness.track(await backend.start_vmm(ID, workdir))
+    await vmm.create_and_boot(spec)
+    assert (workdir / "output.raw").is_file(), "Cloud Hypervisor creates it with the devices"
+    snapshot = tmp_path / "snap"
+    snapshot.mkdir()
+    await vmm.snapshot(snapshot)
+    await vmm.stop()
+    config = json.loads((snapshot / "config.json").read_text())
+    assert config["console"] == {"mode": "File", "file": str(workdir / "output.raw")}
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    changes = SpecChanges(serial_file=moved / "serial.raw", output_file=moved / "output.raw")
+    restored = harness.track(await backend.restore(ID, workdir, snapshot, changes))
+    assert isinstance(restored, ChVmm)
+    info = await restored.api().get("vm.info")
+    assert info["config"]["console"] == {"mode": "File", "file": str(moved / "output.raw")}
+    assert (moved / "output.raw").is_file()
+    await restored.stop()
+
+    # A VM booted without a console (an older record) restores without one.
+    plain = tmp_path / "plain"
+    vmm = harness.track(await backend.start_vmm(ID, plain))
+    await vmm.create_and_boot(harness.spec(plain))
+    old_snapshot = tmp_path / "old-snap"
+    old_snapshot.mkdir()
+    await vmm.snapshot(old_snapshot)
+    await vmm.stop()
+    restored = harness.track(await backend.restore(ID, plain, old_snapshot, changes))
+    assert isinstance(restored, ChVmm)
+    info = await restored.api().get("vm.info")
+    assert info["config"]["console"] == {"mode": "Off"}
+    assert changes.apply(harness.spec(plain)).output_file is None
+
+
 async def test_guest_ignoring_the_power_button_is_forced_off(
     harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -259,8 +259,10 @@ def test_twenty_parallel_creates(world: World) -> None:
 def test_logs_resume_from_last_event_id(world: World) -> None:
     instance = create(world, "logs").json()
     url = f"/instances/{instance['id']}/logs"
-    first = parse_events(world.client.get(url, params={"source": "app"}).text)
+    console = {"source": "console"}
+    first = parse_events(world.client.get(url, params=console).text)
     assert first, "the simulator writes a boot line to the serial file"
+    assert world.client.get(url, params={"source": "app"}).status_code == 200
     vmm = world.client.get(url, params={"source": "vmm"})
     assert vmm.status_code == 200
     ours = [
@@ -268,9 +270,9 @@ def test_logs_resume_from_last_event_id(world: World) -> None:
     ]
     assert any("created instance" in text and instance["id"] in text for text in ours), ours
     last_id = first[-1][0]
-    again = parse_events(world.client.get(url, headers={"Last-Event-ID": str(last_id)}).text)
-    assert again == []
-    tail = parse_events(world.client.get(url, params={"tail": 1}).text)
+    resumed = world.client.get(url, params=console, headers={"Last-Event-ID": str(last_id)})
+    assert parse_events(resumed.text) == []
+    tail = parse_events(world.client.get(url, params={**console, "tail": 1}).text)
     assert tail == first[-1:]
     assert world.client.get(url, params={"source": "nope"}).status_code == 400
     world.client.delete(f"/instances/{instance['id']}")
@@ -502,6 +504,59 @@ def test_a_resume_is_told_of_a_gap_starts_at_a_line_and_ends_with_204(world: Wor
     assert text.status_code == 200
     assert text.headers["content-type"].startswith("text/plain")
     assert text.text.splitlines() == [line for _, line in events[-3:]]
+    world.client.delete(f"/instances/{instance['id']}")
+
+
+def test_raw_ranges_are_exact_bytes_by_offset(world: World) -> None:
+    instance = create(world, "binary").json()
+    assert world.client.post(f"/instances/{instance['id']}/stop").status_code == 200
+    log = SegmentedLog(
+        world.data_dir / "instances" / instance["id"] / "logs", "app", retention_bytes=1 << 20
+    )
+    blob = bytes(range(256)) * 4 + b"\r\n\xff\xfe no newline"
+    log.append(blob)
+    url = f"/instances/{instance['id']}/logs"
+
+    def raw(wanted: str | None = None, **params: str) -> httpx.Response:
+        headers = {"Range": wanted} if wanted else {}
+        return world.client.get(url, params={"format": "raw", **params}, headers=headers)
+
+    whole = raw()
+    assert whole.status_code == 200
+    assert whole.content == blob
+    assert whole.headers["log-offset"] == "0"
+    assert raw(follow="true").content == blob, "a follow of a stopped instance ends at once"
+    end = len(blob)
+    middle = raw("bytes=10-19")
+    assert middle.status_code == 206
+    assert middle.content == blob[10:20]
+    assert middle.headers["content-range"] == f"bytes 10-19/{end}"
+    assert raw("bytes=-5").content == blob[-5:]
+    assert raw(f"bytes={end - 3}-").content == blob[-3:]
+    assert raw(f"bytes=0-{end + 100}").content == blob, "a last byte past the end is clipped"
+    for unsatisfiable in (f"bytes={end}-", "bytes=-0"):
+        refused = raw(unsatisfiable)
+        assert refused.status_code == 416, unsatisfiable
+        assert refused.json()["code"] == "range_not_satisfiable"
+        assert refused.json()["details"] == {"kept_from": 0, "end": end}
+        assert refused.headers["content-range"] == f"bytes */{end}"
+    for malformed in ("bytes=5-2", "bytes=1-2,4-5", "lines=1-2"):
+        assert raw(malformed).status_code == 400, malformed
+    assert raw("bytes=0-1", follow="true").status_code == 400
+    # Last-Event-ID, taken as an exact offset.
+    resumed = world.client.get(url, params={"format": "raw"}, headers={"Last-Event-ID": "1000"})
+    assert resumed.content == blob[1000:]
+    assert resumed.headers["log-offset"] == "1000"
+
+    # Bytes rotated away are no longer a range of the log.
+    for _ in range(20_000):
+        log.append(b"y" * 99 + b"\n")
+    refused = raw("bytes=0-9")
+    assert refused.status_code == 416
+    kept = refused.json()["details"]["kept_from"]
+    assert kept > 0
+    assert kept == log.start()
+    assert raw(f"bytes={kept}-{kept + 9}").content == log.read_bytes(kept, 10)
     world.client.delete(f"/instances/{instance['id']}")
 
 

@@ -15,7 +15,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "printf", "ls", "sleep", "date", "wget", "ip", "env", "true",
     "expr", "seq", "hostname", "mkdir", "touch", "ping", "timeout", "id", "pwd", "stty",
-    "head", "sha256sum", "ps", "grep", "kill", "httpd", "nc",
+    "head", "sha256sum", "ps", "grep", "kill", "httpd", "nc", "awk",
 )  # fmt: skip
 
 # Prints an increasing counter every 200 ms. The count lives only in the

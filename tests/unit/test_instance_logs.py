@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from managers.instances.logs import MAX_LINE, SegmentedLog
 from managers.instances.pump import LogPump, PumpSet
+from managers.instances.types import PUMPED_SOURCES
 
 
 def lines_text(lines: list) -> list[bytes]:  # type: ignore[type-arg]
@@ -104,55 +106,123 @@ async def test_follow_yields_new_lines(tmp_path: Path) -> None:
 
 
 def pump_in(folder: Path) -> LogPump:
-    """A pump whose files all live in ``folder``: ``serial.raw`` in, ``logs/`` out."""
+    """A pump whose files all live in ``folder``: ``serial.raw``, ``output.raw`` and
+    ``vmm.log`` in, ``logs/`` out."""
     logs = folder / "logs"
     return LogPump(
+        instance_id=folder.name,
         serial_raw=folder / "serial.raw",
+        output_raw=folder / "output.raw",
         vmm_raw=folder / "vmm.log",
-        app_log=SegmentedLog(logs, "app"),
-        vmm_log=SegmentedLog(logs, "vmm"),
+        logs={source: SegmentedLog(logs, source, keep=100) for source in PUMPED_SOURCES},
         state_file=folder / "pump.json",
         status_file=folder / "guest.json",
     )
 
 
+def logged(folder: Path, source: str) -> bytes:
+    """Everything the ``source`` log of ``folder/logs`` holds, byte for byte."""
+    lines, _ = SegmentedLog(folder / "logs", source, keep=100).read_lines(0, final=True)
+    return b"".join(line.text + b"\n" for line in lines)
+
+
 def test_the_pump_gives_back_the_disk_space_of_what_it_copied(tmp_path: Path) -> None:
-    raw = tmp_path / "serial.raw"
+    raw = tmp_path / "output.raw"
     logs = tmp_path / "logs"
     pump = pump_in(tmp_path)
-    # A writer that keeps its own offset (not O_APPEND), as Cloud Hypervisor's serial file.
+    # A writer that keeps its own offset (not O_APPEND), as Cloud Hypervisor's console file.
     with raw.open("wb", buffering=0) as writer:
         line = b"x" * 1023 + b"\n"
         for _ in range(4096):  # 4 MiB
             writer.write(line)
             if writer.tell() % (512 * 1024) == 0:
                 pump.drain()
-        writer.write(b"@@dataplane-guest@@ program-exited code=3\n")
+        (tmp_path / "serial.raw").write_bytes(b"\n@@dataplane-guest@@ program-exited code=3\n")
         pump.drain()
-    assert raw.stat().st_size > 4 * 1024 * 1024
+    assert raw.stat().st_size == 4 * 1024 * 1024
     assert raw.stat().st_blocks * 512 < 2 * 1024 * 1024, "copied blocks are freed"
     lines, _ = SegmentedLog(logs, "app", keep=100).read_lines(0)
-    assert len(lines) == 4097
+    assert len(lines) == 4096
     assert pump.status.exit_code == 3
 
 
-def test_a_new_serial_file_is_read_from_its_start_even_with_the_old_inode(tmp_path: Path) -> None:
-    raw = tmp_path / "serial.raw"
-    logs = tmp_path / "logs"
+def test_app_is_the_console_byte_for_byte_and_markers_leave_the_serial_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pump = pump_in(tmp_path)
-    raw.write_bytes(b"first boot\n@@dataplane-guest@@ program-exited code=1\n")
+    program = b"binary \x00\xff\xfe\r\n\x1b[31mred\nno newline"
+    (tmp_path / "output.raw").write_bytes(program)
+    (tmp_path / "serial.raw").write_bytes(
+        b"\n@@dataplane-guest@@ init-started\n"
+        b"\n@@dataplane-guest@@ program-started\n"
+        b"[    1.5] a kernel line\n"
+        b"\n"
+        b"kept after a blank line\n"
+        b"\n@@dataplane-guest@@ program-exited code=7\n"
+        b"reboot: Power down\n"
+    )
+    with caplog.at_level(logging.INFO, logger="managers.instances.pump"):
+        pump.drain()
+    assert logged(tmp_path, "app") == program + b"\n"  # the last line read as final
+    console = logged(tmp_path, "console")
+    assert console == b"[    1.5] a kernel line\n\nkept after a blank line\nreboot: Power down\n"
+    assert pump.status.exit_code == 7
+    assert pump.status.program_started_at is not None
+    guest = [r for r in caplog.records if getattr(r, "instance_id", None) == tmp_path.name]
+    assert [vars(r)["guest"] for r in guest] == [
+        "init-started",
+        "program-started",
+        "program-exited",
+    ]
+    assert vars(guest[-1])["exit_code"] == 7
+
+
+def test_a_serial_line_is_scanned_only_once_it_ends(tmp_path: Path) -> None:
+    pump = pump_in(tmp_path)
+    serial = tmp_path / "serial.raw"
+    serial.write_bytes(b"\n@@dataplane-guest@@ program-exi")
     pump.drain()
-    assert pump.status.exit_code == 1
-    # The next VMM's file, as large as the last one and (as often happens once the old file
-    # is removed) under the same inode number: rewritten in place here, so the number is sure.
-    pump.new_serial()
-    pump.new_boot()
-    with raw.open("r+b") as handle:
-        handle.write(b"again boot\n@@dataplane-guest@@ program-exited code=0\n")
+    assert pump.status.exit_code is None
+    assert logged(tmp_path, "console") == b""
+    with serial.open("ab") as handle:
+        handle.write(b"ted code=0\n" + b"k" * 5000)
     pump.drain()
     assert pump.status.exit_code == 0
-    lines, _ = SegmentedLog(logs, "app").read_lines(0)
-    assert b"again boot" in lines_text(lines)
+    # A line that never ends is passed on rather than held without bound.
+    assert logged(tmp_path, "console") == b"k" * 5000 + b"\n"
+
+
+def test_new_vmm_files_are_read_from_their_start_even_with_the_old_inodes(
+    tmp_path: Path,
+) -> None:
+    serial, console = tmp_path / "serial.raw", tmp_path / "output.raw"
+    pump = pump_in(tmp_path)
+    console.write_bytes(b"first boot\n")
+    serial.write_bytes(b"\n@@dataplane-guest@@ program-exited code=1\n")
+    pump.drain()
+    assert pump.status.exit_code == 1
+    # The next VMM's files, as large as the last ones and (as often happens once the old files
+    # are removed) under the same inode numbers: rewritten in place here, so the numbers are
+    # sure.
+    pump.new_vmm()
+    pump.new_boot()
+    with console.open("r+b") as handle:
+        handle.write(b"again boot\n")
+    with serial.open("r+b") as handle:
+        handle.write(b"\n@@dataplane-guest@@ program-exited code=0\n")
+    pump.drain()
+    assert pump.status.exit_code == 0
+    assert logged(tmp_path, "app") == b"first boot\nagain boot\n"
+
+
+def test_a_restarted_pump_continues_where_the_last_stopped(tmp_path: Path) -> None:
+    console = tmp_path / "output.raw"
+    console.write_bytes(b"one\n")
+    pump_in(tmp_path).drain()
+    with console.open("ab") as handle:
+        handle.write(b"two\n")
+    pump_in(tmp_path).drain()
+    assert logged(tmp_path, "app") == b"one\ntwo\n"
 
 
 def test_a_line_written_in_pieces_is_never_split_by_rotation(tmp_path: Path) -> None:
@@ -161,6 +231,22 @@ def test_a_line_written_in_pieces_is_never_split_by_rotation(tmp_path: Path) -> 
         log.append(piece)
     lines, _ = log.read_lines(0)
     assert [line.text for line in lines] == [b"0123456789abcdefghijKLMNO", b"next"]
+
+
+def test_chunks_that_end_mid_line_still_rotate_at_line_boundaries(tmp_path: Path) -> None:
+    # The pump appends what the VMM wrote, in chunks that rarely end with a line: rotation must
+    # still happen near the segment size, and never inside a line.
+    log = SegmentedLog(tmp_path, "app", segment_bytes=1000, keep=1000)
+    data = b"".join(b"%019d\n" % n for n in range(2000))
+    for start in range(0, len(data), 333):
+        log.append(data[start : start + 333])
+    segments = sorted(tmp_path.glob("app-*.log"))
+    assert len(segments) > 30, "segments of about 1000 bytes, not one per twice the size"
+    for segment in segments:
+        assert segment.read_bytes().endswith(b"\n") or segment == segments[-1]
+        assert segment.stat().st_size < 1000 + 333
+    lines, _ = log.read_lines(0)
+    assert [line.text for line in lines] == data.splitlines()
 
 
 def test_tail_zero_starts_after_the_last_complete_line(tmp_path: Path) -> None:
@@ -188,19 +274,19 @@ async def test_one_pump_set_follows_every_instance_until_each_is_removed(tmp_pat
     pumps.add("two", pump_in(two))
     async with anyio.create_task_group() as tg:
         tg.start_soon(pumps.run)
-        (one / "serial.raw").write_bytes(b"a1\n@@dataplane-guest@@ program-started\n")
-        (two / "serial.raw").write_bytes(b"b1\n")
-        await until(lambda: app_lines(one) == [b"a1", b"@@dataplane-guest@@ program-started"])
+        (one / "output.raw").write_bytes(b"a1\n")
+        (two / "output.raw").write_bytes(b"b1\n")
+        await until(lambda: app_lines(one) == [b"a1"])
         await until(lambda: app_lines(two) == [b"b1"])
 
         await pumps.remove("one")
         assert "one" not in pumps
-        with (one / "serial.raw").open("ab") as handle:
+        with (one / "output.raw").open("ab") as handle:
             handle.write(b"a2\n")
-        with (two / "serial.raw").open("ab") as handle:
+        with (two / "output.raw").open("ab") as handle:
             handle.write(b"b2\n")
         await until(lambda: app_lines(two) == [b"b1", b"b2"])
-        assert app_lines(one) == [b"a1", b"@@dataplane-guest@@ program-started"]
+        assert app_lines(one) == [b"a1"]
         tg.cancel_scope.cancel()
 
 

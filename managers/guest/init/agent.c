@@ -2252,39 +2252,11 @@ static void channel_event(struct channel *ch, short revents)
 
 /* ------------------------------------------------------------ transports */
 
-static int make_port_node(const char *entry, const char *path)
-{
-    char sys[512], value[64];
-    unsigned major_no, minor_no;
-    snprintf(sys, sizeof sys, "/sys/class/virtio-ports/%s/dev", entry);
-    if (read_small_file(sys, value, sizeof value) < 0 || sscanf(value, "%u:%u", &major_no, &minor_no) != 2)
-        return -1;
-    return mknod(path, S_IFCHR | 0600, makedev(major_no, minor_no));
-}
-
 /* The port whose sysfs name is `name`; -1 while there is none (the module loads late,
  * and the name arrives from the device after the port). */
 static int open_port(const char *name)
 {
-    DIR *d = opendir("/sys/class/virtio-ports");
-    if (!d)
-        return -1;
-    int fd = -1;
-    struct dirent *e;
-    while (fd < 0 && (e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        char path[512], value[PORT_NAME_MAX + 2];
-        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-        if (read_small_file(path, value, sizeof value) < 0 || strcmp(value, name) != 0)
-            continue;
-        snprintf(path, sizeof path, "/dev/%s", e->d_name);
-        if (access(path, F_OK) < 0)
-            make_port_node(e->d_name, path);
-        fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-    }
-    closedir(d);
-    return fd;
+    return open_virtio_port(name, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
 }
 
 static int virtio_device_present(const char *id)

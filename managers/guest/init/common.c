@@ -1,12 +1,14 @@
 /* See common.h. */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -239,4 +241,37 @@ int find_program(const char *file, const char *path_env, char *out, size_t size)
             return -1;
         p = end + 1;
     }
+}
+
+static int make_port_node(const char *entry, const char *path)
+{
+    char sys[512], value[64];
+    unsigned major_no, minor_no;
+    snprintf(sys, sizeof sys, "/sys/class/virtio-ports/%s/dev", entry);
+    if (read_small_file(sys, value, sizeof value) < 0 || sscanf(value, "%u:%u", &major_no, &minor_no) != 2)
+        return -1;
+    return mknod(path, S_IFCHR | 0600, makedev(major_no, minor_no));
+}
+
+int open_virtio_port(const char *name, int flags)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    int fd = -1;
+    struct dirent *e;
+    while (fd < 0 && (e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[512], value[258];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+        if (read_small_file(path, value, sizeof value) < 0 || strcmp(value, name) != 0)
+            continue;
+        snprintf(path, sizeof path, "/dev/%s", e->d_name);
+        if (access(path, F_OK) < 0)
+            make_port_node(e->d_name, path);
+        fd = open(path, flags);
+    }
+    closedir(d);
+    return fd;
 }

@@ -32,6 +32,10 @@ const char *env_get(char *const *envp, const char *name);
 /* The executable `file` names, searched in path_env (or DEFAULT_PATH) when it has no
  * slash; 0, or -1 when there is none. */
 int find_program(const char *file, const char *path_env, char *out, size_t size);
+/* The virtio-serial port whose sysfs name is `name`, opened with `flags` (its /dev node made
+ * from sysfs should it be missing); -1 while there is none: a multiport device announces its
+ * ports, and then their names, some time after the driver bound. */
+int open_virtio_port(const char *name, int flags);
 /* A forked child that does not exec must not hold its parent's descriptors. */
 void close_fds_from(int lowfd);
 

@@ -80,6 +80,15 @@ class SimulatedVmm:
         return None
 
     def start_guest(self, action: str) -> None:
+        # Cloud Hypervisor opens (creates) a console in File mode as it makes the devices.
+        console = (self.config or {}).get("console") or {}
+        if console.get("mode") == "File":
+            try:
+                Path(console["file"]).touch()
+            except OSError as exc:
+                raise ApiFailure(
+                    500, [f"Error from API: {action}", f"Cannot open console file: {exc}"]
+                ) from exc
         try:
             self.guest.boot(self.config or {}, self.serial_path())
         except OSError as exc:
@@ -388,8 +397,8 @@ def _semantic_problems(config: dict[str, Any]) -> list[str]:
         mode = (config.get(name) or {}).get("mode")
         if mode == "File" and not (config.get(name) or {}).get("file"):
             problems.append(f"{name} in File mode needs a file")
-    if (config.get("console") or {}).get("mode") not in ("Off", None):
-        problems.append("this project sets console Off")
+    if (config.get("console") or {}).get("mode") not in ("Off", "File", None):
+        problems.append("this project sets the console Off or to a File")
     for disk in config.get("disks") or []:
         problems.extend(_disk_problems(disk))
     ids = [d.get("id") for d in (config.get("disks") or []) + (config.get("net") or [])]
