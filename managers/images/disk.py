@@ -7,11 +7,14 @@ when mkfs succeeded, so a crash or failure never leaves a half-made disk under t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
+from .devices import DeviceNode, apply_to_erofs, apply_to_ext4, owners_of
 from .errors import BuildFailed
 from .types import DiskFormat
 
@@ -43,16 +46,44 @@ async def _run(argv: list[str], what: str) -> None:
         raise BuildFailed(f"{what} failed (exit {result.returncode}): {tail}")
 
 
-async def build_disk(tree: Path, dest: Path, fmt: DiskFormat) -> int:
-    """Make ``dest`` from ``tree``; return the disk's size in bytes."""
+def chain_id(layer_digests: Sequence[str], fmt: DiskFormat) -> str:
+    """What a disk is made of: its layers in order and its format. Images that differ only in
+    their config (entrypoint, env, user…) have the same chain, so one disk serves them all."""
+    text = "\n".join([fmt, *layer_digests])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def link_disk(shared: Path, dest: Path) -> int:
+    """Make ``dest`` a second name of the disk ``shared`` (a hard link: the filesystem counts
+    the names, and the blocks go with the last); return the disk's size in bytes."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.link(shared, tmp)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest.stat().st_size
+
+
+async def build_disk(
+    tree: Path, dest: Path, fmt: DiskFormat, devices: Sequence[DeviceNode] = ()
+) -> int:
+    """Make ``dest`` from ``tree``, whose ``devices`` are placeholders (devices.py); return the
+    disk's size in bytes."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
+    nodes = list(devices)
     try:
         if fmt == "erofs":
             # Uncompressed: the build is I/O bound and the guest reads it without decompressing.
             await _run(["mkfs.erofs", "--quiet", str(tmp), str(tree)], "mkfs.erofs")
+            await anyio.to_thread.run_sync(apply_to_erofs, tmp, nodes)
         else:
             await _build_ext4(tree, tmp)
+            owners = await anyio.to_thread.run_sync(owners_of, tree, nodes)
+            await anyio.to_thread.run_sync(apply_to_ext4, tmp, nodes, owners)
         await anyio.to_thread.run_sync(_fsync_file, tmp)
         os.replace(tmp, dest)
     except BaseException:

@@ -16,8 +16,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +30,7 @@ from ..failpoints import failpoint
 from ..paths import Paths
 from . import disk, references
 from .archive import ingest_archive
+from .devices import DeviceNode
 from .errors import (
     BuildFailed,
     FormatConflict,
@@ -56,6 +58,7 @@ from .manifest import (
 from .reference import Reference, is_digest, parse_reference
 from .references import References
 from .registry import RegistryClient
+from .registry_threads import RegistryThreads
 from .scratch import DEFAULT_SCRATCH, Scratch, unpacked_estimate
 from .store import Record, RecordStore
 from .types import (
@@ -97,8 +100,12 @@ class _Counter:
             self.value += n
 
 
-async def _run_stoppable(work: Callable[[threading.Event], T]) -> T:
-    """Run ``work(stop)`` in a thread; on cancellation set ``stop`` and wait for it to return."""
+async def _run_stoppable(
+    work: Callable[[threading.Event], T],
+    run: Callable[[Callable[[], None]], Awaitable[None]] | None = None,
+) -> T:
+    """Run ``work(stop)`` in a thread (through ``run``, given the runner: a registry thread);
+    on cancellation set ``stop`` and wait for it to return."""
     stop = threading.Event()
     finished = threading.Event()
     outcome: list[T] = []
@@ -113,7 +120,10 @@ async def _run_stoppable(work: Callable[[threading.Event], T]) -> T:
             finished.set()
 
     try:
-        await anyio.to_thread.run_sync(runner, abandon_on_cancel=True)
+        if run is None:
+            await anyio.to_thread.run_sync(runner, abandon_on_cancel=True)
+        else:
+            await run(runner)
     except anyio.get_cancelled_exc_class():
         stop.set()
         with anyio.CancelScope(shield=True):
@@ -182,6 +192,8 @@ class ImageManager:
         self._docker_config = docker_config if docker_config else _default_docker_config()
         self._resolve_timeout = resolve_timeout
         self._slots = anyio.Semaphore(max_concurrent_builds)
+        self._chain_locks: dict[str, anyio.Lock] = {}
+        self._registry_threads = RegistryThreads()
         self._scratch = Scratch(scratch_dir, paths.root, paths.tmp)
         self._entries: dict[str, _Entry] = {}
         self._tags: dict[str, str] = {}
@@ -247,6 +259,29 @@ class ImageManager:
             self._scratch.close()
 
     # -- queries ---------------------------------------------------------------
+    def _named(self, name_or_digest: str) -> tuple[_Entry, str]:
+        """The entry a name or digest denotes, and the name to show it under: the name as
+        asked (normalised), or for a bare digest the first of its names."""
+        entry = self._lookup(name_or_digest)
+        if is_digest(name_or_digest):
+            return entry, self._names(entry)[0]
+        return entry, parse_reference(name_or_digest).name
+
+    def _view(self, entry: _Entry, name: str) -> Image:
+        """The entry's image as seen under ``name``: every name of a digest is the same image,
+        one disk."""
+        return entry.image if name == entry.image.name else replace(entry.image, name=name)
+
+    def _names(self, entry: _Entry) -> builtins.list[str]:
+        """Every name of an image: the names that point at its digest, else (its name moved on
+        to another digest, or it was pulled by digest) ``repository@digest``."""
+        digest = entry.image.digest
+        names = sorted(name for name, d in self._tags.items() if d == digest)
+        if names or is_digest(entry.image.name):  # an imported image is named by its digest
+            return names or [entry.image.name]
+        ref = parse_reference(entry.image.name)
+        return [Reference(ref.registry, ref.repository, None, digest).name]
+
     def _lookup(self, name_or_digest: str) -> _Entry:
         if is_digest(name_or_digest):
             entry = self._entries.get(name_or_digest)
@@ -264,12 +299,15 @@ class ImageManager:
         return entry
 
     async def get(self, name_or_digest: str) -> Image:
-        """The image a name or digest denotes; :class:`ImageNotFound` when there is none."""
-        return self._lookup(name_or_digest).image
+        """The image a name or digest denotes, under that name; :class:`ImageNotFound` when
+        there is none."""
+        return self._view(*self._named(name_or_digest))
 
     async def list(self) -> builtins.list[Image]:
-        """Every image this node knows, oldest first (by ``created_at``)."""
-        return sorted((e.image for e in self._entries.values()), key=lambda i: i.created_at)
+        """Every image this node knows under each of its names, oldest first (by
+        ``created_at``, then name)."""
+        views = [self._view(e, name) for e in self._entries.values() for name in self._names(e)]
+        return sorted(views, key=lambda i: (i.created_at, i.name))
 
     async def subscribe(self, name_or_digest: str) -> AsyncIterator[Image]:
         """Snapshots of one image, first the current one, until it is ready or failed.
@@ -277,10 +315,10 @@ class ImageManager:
         Raises :class:`ImageNotFound` at the first iteration for an unknown image. Snapshots are
         coalesced: a slow reader sees the latest state, never a backlog.
         """
-        entry = self._lookup(name_or_digest)
+        entry, name = self._named(name_or_digest)
         while True:
             changed = entry.changed
-            image = entry.image
+            image = self._view(entry, name)
             yield image
             if image.status.terminal:
                 return
@@ -288,13 +326,14 @@ class ImageManager:
 
     # -- use by instances ------------------------------------------------------
     def acquire(self, name_or_digest: str) -> Image:
-        """Mark a ready image in use (never evicted nor deleted until released)."""
-        entry = self._lookup(name_or_digest)
+        """Mark a ready image in use (never evicted nor deleted until released); it is
+        returned under the name asked for."""
+        entry, name = self._named(name_or_digest)
         if entry.image.status != ImageStatus.READY:
-            raise ImageNotReady(f"image {entry.image.name} is {entry.image.status}")
+            raise ImageNotReady(f"image {name} is {entry.image.status}")
         entry.refs += 1
         entry.record = replace(entry.record, last_used=time.time())
-        return entry.image
+        return self._view(entry, name)
 
     def release(self, digest: str) -> None:
         """Undo one :meth:`acquire` of ``digest``; an unknown or unheld digest is ignored."""
@@ -324,7 +363,9 @@ class ImageManager:
         if known is not None and known.image.status != ImageStatus.FAILED:
             return await self._reuse(known, ref.name, fmt)
         try:
-            resolved = await anyio.to_thread.run_sync(self._resolve, ref, abandon_on_cancel=True)
+            resolved = await self._registry_threads.run(
+                ref.api_host, partial(self._resolve, ref), abandon_on_cancel=True
+            )
         except RegistryUnreachable:
             # Offline node, image already here: serve what we have rather than fail.
             digest = self._tags.get(ref.name)
@@ -404,7 +445,7 @@ class ImageManager:
             )
         await self._tag(name, entry.image.digest)
         entry.record = replace(entry.record, last_used=time.time())
-        return entry.image
+        return self._view(entry, name)
 
     async def _tag(self, name: str, digest: str) -> None:
         if name == digest or self._tags.get(name) == digest:
@@ -504,12 +545,24 @@ class ImageManager:
             manifest, pulled = await self._fetch_content(entry)
             pull_seconds = time.monotonic() - started
             failpoint("image.pulled")
-            tree = await self._unpack(entry, manifest, trees)
-            failpoint("image.unpacked")
-            await self._set(entry, status=ImageStatus.CONVERTING, progress=Progress("converting"))
-            size = await disk.build_disk(tree, dest, entry.image.format)
+            layers = [layer.descriptor.digest for layer in manifest.layers]
+            chain = disk.chain_id(layers, entry.image.format)
+            # One build per chain at a time: a second image of the same layers waits, then
+            # takes the first one's disk.
+            async with self._chain_lock(chain):
+                shared = await self._shared_disk(chain, digest)
+                if shared is not None:
+                    size = await anyio.to_thread.run_sync(disk.link_disk, shared, dest)
+                else:
+                    tree, devices = await self._unpack(entry, manifest, trees)
+                    failpoint("image.unpacked")
+                    await self._set(
+                        entry, status=ImageStatus.CONVERTING, progress=Progress("converting")
+                    )
+                    size = await disk.build_disk(tree, dest, entry.image.format, devices)
             # The disk is complete under its final name; the record does not say ready yet.
             failpoint("image.disk_written")
+            entry.record = replace(entry.record, chain=chain)
         except ImageError as exc:
             reason, code = str(exc), exc.code
         except OSError as exc:
@@ -534,6 +587,31 @@ class ImageManager:
         )
         if self._observer is not None:
             self._observer.build_finished(pull_seconds, pulled, time.monotonic() - started)
+
+    @contextlib.asynccontextmanager
+    async def _chain_lock(self, chain: str) -> AsyncIterator[None]:
+        lock = self._chain_locks.setdefault(chain, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.statistics().tasks_waiting and not lock.locked():
+                self._chain_locks.pop(chain, None)
+
+    async def _shared_disk(self, chain: str, digest: str) -> Path | None:
+        """The disk of another ready image of the same layer chain and format, if any."""
+        candidates = [
+            other.image.disk_path
+            for other in self._entries.values()
+            if other.image.digest != digest
+            and other.record.chain == chain
+            and other.image.status == ImageStatus.READY
+            and other.image.disk_path is not None
+        ]
+        for path in candidates:
+            if await anyio.to_thread.run_sync(path.is_file):
+                return path
+        return None
 
     async def _fail(self, entry: _Entry, reason: str, code: str) -> None:
         if self._observer is not None:
@@ -571,7 +649,8 @@ class ImageManager:
             if client is None:
                 raise BuildFailed(f"config blob {manifest.config.digest} is missing")
             data = await _run_stoppable(
-                lambda _stop: client.fetch_blob_bytes(manifest.config.digest)
+                lambda _stop: client.fetch_blob_bytes(manifest.config.digest),
+                self._registry_runner(client),
             )
             await anyio.to_thread.run_sync(self._layout.put_bytes, manifest.config.digest, data)
         config_bytes = await anyio.to_thread.run_sync(
@@ -623,12 +702,23 @@ class ImageManager:
                 finally:
                     tmp.unlink(missing_ok=True)
 
-            await _run_stoppable(work)
+            await _run_stoppable(work, self._registry_runner(client))
+
+    def _registry_runner(
+        self, client: RegistryClient
+    ) -> Callable[[Callable[[], None]], Awaitable[None]]:
+        """How a stoppable registry call gets its thread: from the registry's own share."""
+
+        async def run(fn: Callable[[], None]) -> None:
+            await self._registry_threads.run(client.ref.api_host, fn, abandon_on_cancel=True)
+
+        return run
 
     async def _unpack(
         self, entry: _Entry, manifest: ImageManifest, trees: builtins.list[Path]
-    ) -> Path:
-        """Unpack into scratch (RAM when it fits); if RAM runs out after all, redo it on disk."""
+    ) -> tuple[Path, builtins.list[DeviceNode]]:
+        """Unpack into scratch (RAM when it fits); if RAM runs out after all, redo it on disk.
+        The tree, and the device nodes it holds as placeholders."""
         total = sum(layer.descriptor.size for layer in manifest.layers)
         await self._set(
             entry, status=ImageStatus.UNPACKING, progress=Progress("unpacking", 0, total)
@@ -643,7 +733,7 @@ class ImageManager:
         first = self._scratch.tree_for(digest, needed)
         trees.append(first)
 
-        def work(stop: threading.Event) -> Path:
+        def work(stop: threading.Event) -> tuple[Path, builtins.list[DeviceNode]]:
             # RAM first when the estimate fits, else (or when RAM runs out after all) the disk;
             # the real bytes decide, counted as they are written, never the estimate.
             places = list(dict.fromkeys((first, self._scratch.on_disk(digest))))
@@ -674,15 +764,14 @@ class ImageManager:
                             f"no room to unpack the image: {exc.message}", exc.details
                         ) from exc
                     continue
-                unpacker.finish()
-                return tree
+                return tree, unpacker.finish()
             raise StorageFull("no room to unpack the image")
 
         async with _first_error(), anyio.create_task_group() as tg:
             tg.start_soon(self._ticker, entry, "unpacking", counter, total)
-            tree = await _run_stoppable(work)
+            unpacked = await _run_stoppable(work)
             tg.cancel_scope.cancel()
-        return tree
+        return unpacked
 
     async def _ticker(self, entry: _Entry, phase: str, counter: _Counter, total: int) -> None:
         last = -1
@@ -726,12 +815,21 @@ class ImageManager:
 
     # -- deletion and the cache ----------------------------------------------------
     async def delete(self, name_or_digest: str) -> None:
-        """Remove an image, its disk and its names; cancel its build.
+        """Remove a name, or with its last name (or by digest) the image, its disk and its
+        names; cancel its build.
 
-        ImageInUse while an instance holds it or any instance record on disk (readable or not,
-        quarantined or not) mentions it.
+        ImageInUse while an instance holds the image or any instance record on disk (readable
+        or not, quarantined or not) mentions it.
         """
         entry = self._lookup(name_or_digest)
+        if not is_digest(name_or_digest):
+            name = parse_reference(name_or_digest).name
+            if name in self._tags and len(self._names(entry)) > 1:
+                # One of several names: the image stays under the others.
+                del self._tags[name]
+                async with self._store_lock:
+                    await anyio.to_thread.run_sync(self._store.remove_tag, name)
+                return
         found = await self._references()
         while (current := self._lookup(name_or_digest)) is not entry:
             entry = current  # deleted or rebuilt while the records were scanned: look again

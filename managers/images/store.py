@@ -31,6 +31,7 @@ class Record:
     oci_manifest: str | None = None  # the same manifest rewritten to OCI, as stored in the layout
     blobs: tuple[str, ...] = ()
     last_used: float = 0.0
+    chain: str | None = None  # the layer chain the disk was built from (disk.chain_id)
 
     def with_image(self, **changes: Any) -> Record:
         return replace(self, image=replace(self.image, **changes))
@@ -43,6 +44,7 @@ class Record:
             "oci_manifest": self.oci_manifest,
             "blobs": list(self.blobs),
             "last_used": self.last_used,
+            "chain": self.chain,
         }
 
     @classmethod
@@ -54,6 +56,8 @@ class Record:
             oci_manifest=data.get("oci_manifest"),
             blobs=tuple(data.get("blobs", ())),
             last_used=float(data.get("last_used", 0.0)),
+            # Absent from records written before disks were shared: such a disk is not shared.
+            chain=data.get("chain"),
         )
 
 

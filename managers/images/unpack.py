@@ -8,9 +8,11 @@ streams each layer once (gzip/zstd/plain), and handles what a container unpack m
   everything lower layers put there (entries of the same layer stay, whatever the tar order);
 * every path is resolved inside the root, symlinks included (an absolute link target means the
   image's own root), so no entry or link can write outside the tree; ``..`` entries are refused;
-* regular files, directories, symlinks, hardlinks, devices and fifos with mode, owner (when running
-  as root), mtime and xattrs; directory modes and times are applied last so a read-only directory
-  can still receive its children.
+* regular files, directories, symlinks, hardlinks and fifos with mode, owner (when running as
+  root), mtime and xattrs; directory modes and times are applied last so a read-only directory
+  can still receive its children;
+* devices never as live nodes: an empty 0600 placeholder file with the node's owner, times and
+  xattrs, recorded in :attr:`Unpacker.devices` for the disk builder (``devices.py``).
 
 It runs in a worker thread and checks ``stop`` between entries and between the 1 MiB chunks of
 a file, so a cancelled build ends within moments even in the middle of a huge entry. Every
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .devices import MAX_DEVICE_NODES, DeviceNode, still_there
 from .errors import BuildFailed, ImageTooLarge, StorageFull
 from .registry import Stopped
 
@@ -117,6 +120,8 @@ class Unpacker:
     unpacked: int = 0
     _dirs: dict[Path, _DirMeta] = field(default_factory=dict)
     _resolved: dict[str, Path] = field(default_factory=dict)
+    devices: list[DeviceNode] = field(default_factory=list)
+    """Device nodes met so far, each an empty placeholder file in the tree (devices.py)."""
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -140,8 +145,9 @@ class Unpacker:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise BuildFailed(f"layer {layer.name}: {exc}") from exc
 
-    def finish(self) -> None:
-        """Directory modes and mtimes last, deepest first, once nothing more is written."""
+    def finish(self) -> list[DeviceNode]:
+        """Directory modes and mtimes last, deepest first, once nothing more is written; the
+        device nodes the tree holds in the end (the disk builder makes them)."""
         root = os.path.realpath(self.root)
         for path in sorted(self._dirs, key=lambda p: len(p.parts), reverse=True):
             meta = self._dirs[path]
@@ -152,6 +158,7 @@ class Unpacker:
                 if stat.S_ISDIR(os.lstat(path).st_mode):
                     os.chmod(path, meta.mode)
                     os.utime(path, (meta.mtime, meta.mtime), follow_symlinks=False)
+        return still_there(self.root, self.devices)
 
     # -- one tar entry -------------------------------------------------------
     def _apply_member(
@@ -206,12 +213,25 @@ class Unpacker:
             os.link(target, path, follow_symlinks=False)
             return  # a hardlink shares its target's inode: metadata is already set
         elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            if not _IS_ROOT:
-                return  # only root may make device nodes; the guest's devtmpfs provides them
-            os.mknod(
-                path, kind | stat.S_IMODE(member.mode), os.makedev(member.devmajor, member.devminor)
+            # Never a live node on the host: an inert placeholder, made a device on the disk.
+            if len(self.devices) >= MAX_DEVICE_NODES:
+                raise BuildFailed(f"the image holds more than {MAX_DEVICE_NODES} device nodes")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            self.devices.append(
+                DeviceNode(
+                    rel=rel,
+                    char=member.ischr(),
+                    major=member.devmajor,
+                    minor=member.devminor,
+                    mode=stat.S_IMODE(member.mode),
+                    ino=os.lstat(path).st_ino,
+                )
             )
+            self._chown(path, member)
+            self._xattrs(path, member)
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            return
         elif member.isfifo():
             os.mkfifo(path, stat.S_IMODE(member.mode))
         else:

@@ -11,6 +11,17 @@ multi-layer one (mostly small files, like a distribution's /usr), and one layer 
 
 and prints the ratios. Targets: cold/hand <= 1.0 (<= 0.8 for the small files), warm/cold < 0.05.
 
+Then, with the multi-layer image's layers:
+
+* config-only variants: four images of the same layers with different entrypoints and env,
+  pulled one after the other; the bytes their disks take (blocks of distinct inodes) against
+  one disk. Target: the size of one disk.
+* erofs compression: the same unpacked tree (plus busybox, to read it) made into disks
+  uncompressed, lz4 and lz4hc: size, ``mkfs.erofs`` time, and for each a QEMU/TCG guest booted
+  by hand from it until its program starts, and until that program has read every file
+  (``cat`` to ``/dev/null``); best of ``--rounds``. What the disk builder uses follows from this
+  (``managers/images/README.md``).
+
     .venv/bin/python scripts/bench/images.py [--size-mb 200] [--layers 5] [--rounds 2]
                                              [--small-files 50000] [--disk-scratch]
 """
@@ -30,14 +41,23 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from anyio.from_thread import start_blocking_portal
+from lifecycle import EXITED, Processes, RawGuest, wait_marker
+
+from managers.guest import GuestConfig
 from managers.images import ImageManager, ImageStatus
 from managers.images.scratch import DEFAULT_SCRATCH
 from managers.paths import Paths
+from tests.support.apps import busybox_layers
+from tests.support.artifacts import shared_artifacts
 from tests.support.oci_builder import LayerBuilder, Pusher, make_image
 from tests.support.registry import running_registry
 
 REPO = "bench/big"
+VARIANTS_REPO = "bench/variant"
+READ_REPO = "bench/readable"
 SMALL_REPO = "bench/small"
 # File sizes and their weights: mostly small files, like a distribution's /usr (~3,500 files).
 _SIZES = (2_000, 8_000, 30_000, 120_000, 2_000_000)
@@ -171,6 +191,8 @@ def main() -> None:
                 repo: measure(registry.host, root, repo, args.rounds, not args.disk_scratch)
                 for repo, _, _ in cases
             }
+            variants_ok = config_variants(registry.host, root, layers)
+            compression(registry.host, root, layers, args.rounds)
     for repo, label, target in cases:
         hand, cold, warm = results[repo]
         print(f"== {label} ==")
@@ -185,6 +207,117 @@ def main() -> None:
         )
         print(" (target < 0.05)")
     print(f"cpu cores: {os.cpu_count()}")
+    if not variants_ok:
+        raise SystemExit(1)
+
+
+def config_variants(host: str, root: Path, layers: list[tuple[bytes, str]]) -> bool:
+    """Four images of the same layers, differing in config: bytes on disk against one disk."""
+    pusher = Pusher(host)
+    names = []
+    for n in range(4):
+        config = {"Entrypoint": [f"/bin/run-{n}"], "Env": [f"VARIANT={n}"]}
+        pusher.image(VARIANTS_REPO, f"v{n}", make_image(layers, config=config))
+        names.append(f"{host}/{VARIANTS_REPO}:v{n}")
+    pusher.close()
+
+    async def pull_all(work: Path) -> tuple[int, int]:
+        manager = ImageManager(Paths(work), insecure_registries=frozenset({host}))
+        async with manager:
+            disks = []
+            for name in names:
+                requested = await manager.request(name)
+                async for image in manager.subscribe(requested.digest):
+                    final = image
+                if final.status != ImageStatus.READY or final.disk_path is None:
+                    raise SystemExit(f"build failed: {final.error}")
+                disks.append(final.disk_path)
+            seen: dict[int, int] = {}
+            for disk in disks:
+                st = disk.stat()
+                seen[st.st_ino] = st.st_blocks * 512
+            one = disks[0].stat().st_blocks * 512
+        return sum(seen.values()), one
+
+    used, one = anyio.run(pull_all, root / "variants")
+    shutil.rmtree(root / "variants", ignore_errors=True)
+    ok = used <= one
+    print("== 4 config-only variants ==")
+    print(
+        f"disks take {used / (1 << 20):.1f} MB; one disk is {one / (1 << 20):.1f} MB "
+        f"(target: the size of one disk: {'ok' if ok else 'MISSED'})"
+    )
+    return ok
+
+
+def compression(host: str, root: Path, layers: list[tuple[bytes, str]], rounds: int) -> None:
+    """erofs uncompressed, lz4 and lz4hc from one tree: size, mkfs time, boot and read."""
+    reader = "#!/bin/sh\ncat /layer*/d*/* > /dev/null\n"
+    image = make_image(
+        [*busybox_layers({"/app/read": reader}), *layers],
+        config={"Entrypoint": ["/app/read"], "Env": ["PATH=/bin"]},
+    )
+    pusher = Pusher(host)
+    pusher.image(READ_REPO, TAG, image)
+    pusher.close()
+    work = root / "compression"
+    layout, bundle = work / "oci", work / "bundle"
+    work.mkdir()
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+         f"docker://{host}/{READ_REPO}:{TAG}", f"oci:{layout}:{TAG}"],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:{TAG}", str(bundle)], check=True
+    )
+    artifacts = shared_artifacts()
+    kinds = {"uncompressed": [], "lz4": ["-zlz4"], "lz4hc": ["-zlz4hc"]}
+    rows = []
+    processes = Processes()
+    try:
+        with start_blocking_portal() as portal:
+            for kind, options in kinds.items():
+                disk = work / f"{kind}.erofs"
+                began = time.perf_counter()
+                subprocess.run(
+                    ["mkfs.erofs", "--quiet", *options, str(disk), str(bundle / "rootfs")],
+                    check=True,
+                )
+                build = time.perf_counter() - began
+                guest = RawGuest(
+                    artifacts=artifacts,
+                    image_disk=disk,
+                    config=GuestConfig(entrypoint=("/app/read",), env={"PATH": "/bin"}),
+                    memory_mb=512,
+                    overlay_mb=256,
+                    workdir=work / kind,
+                )
+                boots, reads = [], []
+                for round_ in range(rounds):
+                    guest.make_disks(portal)
+                    serial = guest.workdir / f"serial-{round_}.log"
+                    began = time.perf_counter()
+                    process = processes.spawn(guest.argv(serial), guest.workdir / "qemu.log")
+                    try:
+                        wait_marker(serial, process)
+                        boots.append(time.perf_counter() - began)
+                        wait_marker(serial, process, EXITED)
+                        reads.append(time.perf_counter() - began)
+                    finally:
+                        processes.stop(process)
+                rows.append((kind, disk.stat().st_blocks * 512, build, min(boots), min(reads)))
+    finally:
+        processes.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    base = rows[0]
+    print("== erofs compression, one tree ==")
+    print(
+        f"{'disk':<14}{'MB':>8}{'mkfs s':>9}{'boot s':>9}{'read all s':>12}{'vs uncompressed':>18}"
+    )
+    for kind, size, build, boot, read in rows:
+        ratio = f"boot {boot / base[3]:.2f}, read {read / base[4]:.2f}"
+        print(f"{kind:<14}{size / (1 << 20):8.0f}{build:9.2f}{boot:9.2f}{read:12.2f}  {ratio}")
 
 
 def measure(

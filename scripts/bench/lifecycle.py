@@ -66,6 +66,7 @@ from tests.support.server import RunningServer, run_server
 
 SIMULATOR = Path(__file__).resolve().parents[2] / "tests/support/ch_simulator/cloud-hypervisor"
 STARTED = f"\n{PREFIX}program-started\n".encode()
+EXITED = f"\n{PREFIX}program-exited code=0\n".encode()
 POLL = 0.01  # seconds between polls, on both sides
 BOUND = 120.0  # no single wait may take longer
 
@@ -235,7 +236,8 @@ class RawGuest:
         return argv
 
 
-def wait_marker(serial: Path, process: subprocess.Popen[bytes]) -> None:
+def wait_marker(serial: Path, process: subprocess.Popen[bytes], marker: bytes = STARTED) -> None:
+    """Until ``marker`` (by default program-started) is in the guest's serial file."""
     deadline = time.monotonic() + BOUND
     seen = b""
     offset = 0
@@ -244,13 +246,13 @@ def wait_marker(serial: Path, process: subprocess.Popen[bytes]) -> None:
             handle.seek(offset)
             chunk = handle.read()
             offset += len(chunk)
-            seen = seen[-len(STARTED) :] + chunk
-            if STARTED in seen:
+            seen = seen[-len(marker) :] + chunk
+            if marker in seen:
                 return
         if process.poll() is not None:
             raise RuntimeError(f"the hand-launched guest exited ({process.returncode})")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no program-started marker in {serial}")
+            raise RuntimeError(f"no {marker!r} in {serial}")
         time.sleep(POLL)
 
 

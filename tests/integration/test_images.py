@@ -14,12 +14,15 @@ import socket
 import stat
 import subprocess
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import pytest
 
+from managers.errors import DomainError
 from managers.images import (
     FormatConflict,
     ImageInUse,
@@ -28,8 +31,11 @@ from managers.images import (
     ImageStatus,
     InvalidReference,
     RegistryAuthFailed,
+    RegistryError,
     RegistryUnreachable,
+    registry_threads,
 )
+from managers.images import disk as disk_module
 from managers.images.registry import Stopped
 from managers.images.types import Image
 from managers.images.unpack import Unpacker
@@ -318,7 +324,12 @@ async def test_shared_layers_once_and_moved_tags(
     two_ready, _ = await _finish(manager, two.digest)
     assert two_ready.status == ImageStatus.READY
     assert await manager.get(name) == two_ready
-    assert await manager.get(one.digest) == one_ready
+    # The tag moved: the old image is listed by its digest now, not under the tag.
+    old_name = f"{name}@{one.digest}"
+    assert await manager.get(one.digest) == replace(one_ready, name=old_name)
+    assert sorted((i.name, i.digest) for i in await manager.list()) == sorted(
+        [(f"{name}:latest", two.digest), (old_name, one.digest)]
+    )
 
     blobs = {p.name for p in (Paths(tmp_path / "data").oci_layout / "blobs/sha256").iterdir()}
     assert sha256(shared[0]).partition(":")[2] in blobs
@@ -327,6 +338,136 @@ async def test_shared_layers_once_and_moved_tags(
 
     with pytest.raises(FormatConflict):
         await manager.request(name, "ext4")
+
+
+async def test_a_second_name_is_the_same_image_under_that_name(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    image = make_image([LayerBuilder().file("f", b"named twice").build()])
+    pusher.image("test/first", "v1", image)
+    pusher.image("other/alias", "v9", image)
+    first, alias = f"{registry.host}/test/first:v1", f"{registry.host}/other/alias:v9"
+    ready, _ = await _finish(manager, (await manager.request(first)).digest)
+    again = await manager.request(alias)
+    assert (again.name, again.digest) == (alias, ready.digest)
+    assert (await manager.get(alias)).name == alias
+    assert sorted(i.name for i in await manager.list()) == sorted([first, alias])
+    disks = list((Paths(tmp_path / "data").images).glob("*/rootfs.*"))
+    assert len(disks) == 1, "one digest, one disk"
+    async with manager.use(alias) as used:
+        assert used.name == alias, "an instance records the name it was asked for"
+
+    # Deleting one name leaves the image under the other; the last name takes it along.
+    await manager.delete(alias)
+    assert [i.name for i in await manager.list()] == [first]
+    with pytest.raises(ImageNotFound):
+        await manager.get(alias)
+    await manager.delete(first)
+    assert await manager.list() == []
+
+
+@pytest.mark.parametrize("fmt", ["erofs", "ext4"])
+async def test_device_nodes_reach_the_disk_but_never_the_host(
+    tmp_path: Path, registry: LocalRegistry, pusher: Pusher, fmt: str
+) -> None:
+    layers = [
+        LayerBuilder()
+        .dir("dev")
+        .device("dev/null", 1, 3)
+        .device("dev/sda", 8, 0, char=False, mode=0o660)
+        .device("dev/gone", 1, 5)
+        .file("etc/hostname", b"box\n")
+        .build(),
+        LayerBuilder().whiteout("dev/gone").build(),
+    ]
+    pusher.image("test/devices", fmt, make_image(layers))
+    root = tmp_path / "data"
+    seen: list[os.stat_result] = []
+
+    def look(tree: Path) -> None:
+        # Whatever the unpacked tree holds at the disk builder's start: no live node.
+        for path in tree.rglob("*"):
+            seen.append(os.lstat(path))
+
+    original = disk_module.build_disk
+
+    async def spying(tree: Path, *args: object, **kwargs: object) -> int:
+        await anyio.to_thread.run_sync(look, tree)
+        return await original(tree, *args, **kwargs)  # type: ignore[arg-type]
+
+    async with _manager(root, registry) as manager:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(disk_module, "build_disk", spying)
+            image = await manager.request(f"{registry.host}/test/devices:{fmt}", fmt)  # type: ignore[arg-type]
+            ready, _ = await _finish(manager, image.digest)
+    assert ready.status is ImageStatus.READY, ready.error
+    assert seen, "the spy saw the tree"
+    assert not any(stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) for st in seen)
+    assert ready.disk_path is not None
+    nodes = _device_nodes(ready.disk_path, fmt, tmp_path / "mnt")
+    assert nodes == {"null": ("char", 1, 3, 0o666), "sda": ("block", 8, 0, 0o660)}
+
+
+def _device_nodes(disk: Path, fmt: str, mnt: Path) -> dict[str, tuple[str, int, int, int]]:
+    """The devices under /dev on ``disk``, read from a nodev mount (never opened)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount the disk and look at its nodes")
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", fmt, "-o", "loop,ro,nodev,nosuid,noexec", str(disk), str(mnt)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        found = {}
+        for path in (mnt / "dev").iterdir():
+            st = path.lstat()
+            kind = (
+                "char" if stat.S_ISCHR(st.st_mode) else "block" if stat.S_ISBLK(st.st_mode) else "?"
+            )
+            found[path.name] = (
+                kind,
+                os.major(st.st_rdev),
+                os.minor(st.st_rdev),
+                stat.S_IMODE(st.st_mode),
+            )
+        return found
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+async def test_images_that_differ_only_in_config_share_one_disk(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    layers = [LayerBuilder().file("app/data", os.urandom(256 << 10)).build()]
+    names = []
+    for n in range(4):
+        variant = make_image(layers, config={"Entrypoint": [f"/app/run-{n}"], "Env": [f"N={n}"]})
+        pusher.image("test/variant", f"v{n}", variant)
+        names.append(f"{registry.host}/test/variant:v{n}")
+    first, statuses = await _finish(manager, (await manager.request(names[0])).digest)
+    assert ImageStatus.UNPACKING in statuses
+    others = []
+    for name in names[1:]:
+        image, statuses = await _finish(manager, (await manager.request(name)).digest)
+        assert image.status is ImageStatus.READY
+        assert ImageStatus.UNPACKING not in statuses, "no unpack, no mkfs: the disk is shared"
+        assert image.config is not None
+        assert image.config.entrypoint == (f"/app/run-{names.index(name)}",)
+        others.append(image)
+    assert first.disk_path is not None
+    inodes = {os.stat(i.disk_path).st_ino for i in [first, *others] if i.disk_path}
+    assert len(inodes) == 1
+    assert len({i.digest for i in [first, *others]}) == 4
+
+    # Each image holds its name of the disk: the last one deleted takes it along.
+    await manager.delete(names[0])
+    assert others[0].disk_path is not None
+    assert others[0].disk_path.is_file()
+    assert os.stat(others[0].disk_path).st_nlink == 3
+    for name in names[1:]:
+        await manager.delete(name)
+    assert await manager.list() == []
 
 
 async def test_request_errors_are_typed(manager: ImageManager, registry: LocalRegistry) -> None:
@@ -356,6 +497,82 @@ async def test_unreachable_registry_fails_fast_with_a_reason(
         with pytest.raises(RegistryUnreachable, match=re.escape(dead)):
             await manager.request(f"{dead}/test/x:1")
         assert await manager.list() == []
+
+
+class _SilentRegistry:
+    """A TCP server that accepts every connection and answers nothing until released; from
+    then on it closes each connection, held or new, at once."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(256)
+        self.host = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            if self._released.is_set():
+                conn.close()
+            else:
+                self.held.append(conn)
+
+    def release(self) -> None:
+        self._released.set()
+        for conn in self.held:
+            conn.close()
+
+    def close(self) -> None:
+        self.release()
+        self._sock.close()
+        self._thread.join(10)
+
+
+async def test_a_silent_registry_holds_neither_the_process_threads_nor_other_pulls(
+    tmp_path: Path, registry: LocalRegistry, standard: BuiltImage
+) -> None:
+    silent = _SilentRegistry()
+    manager = _manager(
+        tmp_path / "data",
+        registry,
+        insecure_registries=frozenset({registry.host, silent.host}),
+        resolve_timeout=600.0,
+    )
+    failed: list[BaseException] = []
+
+    async def request_silent(n: int) -> None:
+        try:
+            await manager.request(f"{silent.host}/hang/app{n}:v1")
+        except DomainError as error:
+            failed.append(error)
+
+    try:
+        async with manager, anyio.create_task_group() as tg:
+            # More than anyio's whole default pool of worker threads (40).
+            for n in range(60):
+                tg.start_soon(request_silent, n)
+            with anyio.fail_after(30):
+                while len(silent.held) < registry_threads.PER_HOST:  # noqa: ASYNC110 - filled by a thread
+                    await anyio.sleep(0.01)
+            # Everyone else's worker threads are free, and so are other registries'.
+            with anyio.fail_after(60):
+                assert await anyio.to_thread.run_sync(lambda: 42) == 42
+                image = await manager.request(f"{registry.host}/test/standard:v1")
+            ready, _ = await _finish(manager, image.digest)
+            assert ready.status is ImageStatus.READY
+            assert len(silent.held) == registry_threads.PER_HOST, "one registry's share only"
+            silent.release()
+        assert len(failed) == 60
+        assert all(isinstance(error, RegistryUnreachable | RegistryError) for error in failed)
+    finally:
+        silent.close()
 
 
 async def test_digest_mismatch_fails_and_leaves_nothing(

@@ -61,6 +61,14 @@ class LayerBuilder:
         self.entries.append((info, data))
         return self
 
+    def device(
+        self, name: str, major: int, minor: int, *, char: bool = True, mode: int = 0o666
+    ) -> LayerBuilder:
+        info = self._info(name, tarfile.CHRTYPE if char else tarfile.BLKTYPE, mode, 0, 0)
+        info.devmajor, info.devminor = major, minor
+        self.entries.append((info, None))
+        return self
+
     def symlink(self, name: str, target: str, uid: int = 0, gid: int = 0) -> LayerBuilder:
         info = self._info(name, tarfile.SYMTYPE, 0o777, uid, gid)
         info.linkname = target
