@@ -295,6 +295,7 @@ def compression(host: str, root: Path, layers: list[tuple[bytes, str]], rounds: 
                 )
                 boots, reads = [], []
                 for round_ in range(rounds):
+                    guest.overlay.unlink(missing_ok=True)  # each boot on a fresh overlay
                     guest.make_disks(portal)
                     serial = guest.workdir / f"serial-{round_}.log"
                     began = time.perf_counter()

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import tarfile
 import threading
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from managers.images import (
 )
 from managers.images import disk as disk_module
 from managers.images.registry import Stopped
+from managers.images.scratch import unpacked_estimate
 from managers.images.types import Image
 from managers.images.unpack import Unpacker
 from managers.paths import Paths
@@ -746,6 +748,47 @@ async def test_a_sparse_bomb_is_refused_before_a_byte_is_written(
         assert list(_scratch(root).rglob("*.rootfs")) == []
         assert [p.name for p in Paths(root).tmp.iterdir()] == ["blobs"]
         # A later good pull works.
+        good = await manager.request(f"{registry.host}/test/standard:v1")
+        ready, _ = await _finish(manager, good.digest)
+        assert ready.status == ImageStatus.READY
+
+
+def _wrapping_gzip_layer() -> tuple[bytes, str]:
+    """A gzip layer holding one file of 4 GiB + 1 MiB of zeros: its ISIZE (modulo 2**32) says
+    about 1 MiB. Compressed as it is made, a megabyte at a time; the blob is about 19 MB."""
+    size = (4 << 30) + (1 << 20)
+    info = tarfile.TarInfo("zeros")
+    info.size = size
+    header = info.tobuf(format=tarfile.GNU_FORMAT)
+    tail = bytes(-size % 512) + bytes(1024)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    digest = hashlib.sha256()
+    parts = []
+    zeros = bytes(1 << 20)
+    for chunk in (header, *(zeros for _ in range(size >> 20)), tail):
+        digest.update(chunk)
+        parts.append(compressor.compress(chunk))
+    parts.append(compressor.flush())
+    return b"".join(parts), f"sha256:{digest.hexdigest()}"
+
+
+async def test_a_gzip_bomb_whose_isize_wraps_is_measured_by_its_real_bytes(
+    tmp_path: Path, registry: LocalRegistry, pusher: Pusher, standard: BuiltImage
+) -> None:
+    blob, diff_id = _wrapping_gzip_layer()
+    layer_file = tmp_path / "layer.gz"
+    layer_file.write_bytes(blob)
+    assert unpacked_estimate([(layer_file, "gzip")]) < 64 << 20, "ISIZE wrapped: far below 4 GiB"
+    pusher.image("test/wrap", "v1", make_image([(blob, diff_id)]))
+    root = tmp_path / "data"
+    async with _manager(root, registry, max_unpacked_bytes=256 << 20) as manager:
+        requested = await manager.request(f"{registry.host}/test/wrap:v1")
+        failed, _ = await _finish(manager, requested.digest)
+        assert failed.status == ImageStatus.FAILED
+        assert failed.error is not None
+        assert "IMAGE_MAX_UNPACKED_BYTES" in failed.error
+        assert list(_scratch(root).rglob("zeros")) == []
+        assert [p.name for p in Paths(root).tmp.iterdir()] == ["blobs"]
         good = await manager.request(f"{registry.host}/test/standard:v1")
         ready, _ = await _finish(manager, good.digest)
         assert ready.status == ImageStatus.READY
