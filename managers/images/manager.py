@@ -345,6 +345,27 @@ class ImageManager:
         if entry.refs == 0 and self._tg is not None:
             self._tg.start_soon(self._save, entry.record)
 
+    async def unpack(self, name_or_digest: str, tree: Path) -> builtins.list[DeviceNode]:
+        """Unpack a ready image's layers into the empty folder ``tree``; its device nodes as
+        placeholders (``devices.py``). The caller holds the image (:meth:`acquire`)."""
+        entry = self._lookup(name_or_digest)
+        if entry.image.status != ImageStatus.READY:
+            raise ImageNotReady(f"image {entry.image.name} is {entry.image.status}")
+        platform_digest = entry.record.platform_manifest or entry.image.digest
+        raw = await anyio.to_thread.run_sync(self._layout.read_blob, platform_digest)
+        manifest = to_oci_manifest(raw, media_type_of(load_json(raw, "manifest"), None))
+        layers = [
+            (self._layout.blob_path(m.descriptor.digest), m.compression) for m in manifest.layers
+        ]
+
+        def work(stop: threading.Event) -> builtins.list[DeviceNode]:
+            unpacker = Unpacker(tree, stop, max_bytes=self._max_unpacked_bytes)
+            for path, compression in layers:
+                unpacker.apply(path, compression, lambda _n: None)
+            return unpacker.finish()
+
+        return await _run_stoppable(work)
+
     @contextlib.asynccontextmanager
     async def use(self, name_or_digest: str) -> AsyncIterator[Image]:
         """Hold a ready image (:meth:`acquire`) for the duration of the ``async with`` block."""

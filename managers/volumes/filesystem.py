@@ -1,7 +1,7 @@
 """The data file of a volume: a sparse file with ext4 on it, made, filled and grown by e2fsprogs.
 
-Every function here runs host tools (``mkfs.ext4``, ``e2fsck``, ``resize2fs``, ``fsck.erofs``,
-``debugfs``) as subprocesses, so the event loop never waits on them, and a cancelled caller
+Every function here runs host tools (``mkfs.ext4``, ``e2fsck``, ``resize2fs``, ``debugfs``) as
+subprocesses, so the event loop never waits on them, and a cancelled caller
 kills the tool (anyio's ``run_process``).
 """
 
@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
+from managers.images.devices import DeviceNode, apply_to_ext4, owners_of
+from managers.images.errors import BuildFailed
 from managers.volumes.errors import InsufficientStorage, VolumeBuildFailed, VolumeTooSmall
 
 _BLOCK = 4096
@@ -69,8 +72,11 @@ async def format_empty(path: Path) -> None:
     await _run([*_MKFS, str(path)], "mkfs.ext4")
 
 
-async def format_from_tree(path: Path, tree: Path, size_mb: int) -> None:
-    """ext4 on ``path`` holding a copy of ``tree`` (owners, modes and links kept)."""
+async def format_from_tree(
+    path: Path, tree: Path, size_mb: int, devices: Sequence[DeviceNode] = ()
+) -> None:
+    """ext4 on ``path`` holding a copy of ``tree`` (owners, modes and links kept), whose
+    ``devices`` are placeholders made device nodes on the disk."""
     needed = await anyio.to_thread.run_sync(tree_bytes, tree)
     needed_mb = -(-needed // (1 << 20))
     if needed_mb > size_mb:
@@ -81,6 +87,13 @@ async def format_from_tree(path: Path, tree: Path, size_mb: int) -> None:
         if any(marker in error.message for marker in _NO_ROOM):
             raise VolumeTooSmall(size_mb, detail=error.message) from error
         raise
+    if devices:
+        nodes = list(devices)
+        owners = await anyio.to_thread.run_sync(owners_of, tree, nodes)
+        try:
+            await anyio.to_thread.run_sync(apply_to_ext4, path, nodes, owners)
+        except BuildFailed as error:
+            raise VolumeBuildFailed(error.message) from error
 
 
 def tree_bytes(tree: Path) -> int:
@@ -119,21 +132,6 @@ async def check_filesystem(path: Path) -> None:
     if result.returncode not in (0, 1):
         tail = " | ".join(result.stdout.decode("utf-8", "replace").strip().splitlines()[-3:])
         raise VolumeBuildFailed(f"e2fsck failed (exit {result.returncode}): {tail}")
-
-
-async def extract_disk(disk: Path, disk_format: str, tree: Path) -> None:
-    """Copy an image's root filesystem out of its disk into ``tree`` (an empty folder)."""
-    if disk_format == "erofs":
-        await _run(
-            ["fsck.erofs", f"--extract={tree}", "--preserve", "--overwrite", str(disk)],
-            "fsck.erofs --extract",
-        )
-        return
-    output = await _run(["debugfs", "-R", f"rdump / {tree}", str(disk)], "debugfs rdump")
-    # debugfs answers 0 even when a command inside it failed; its complaints name the file.
-    problems = [line for line in output.splitlines() if ": " in line and "debugfs " not in line]
-    if problems:
-        raise VolumeBuildFailed(f"debugfs rdump: {' | '.join(problems[-3:])}")
 
 
 def remove_tree(path: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,7 @@ import anyio
 
 from managers.clock import now_iso
 from managers.failpoints import failpoint
+from managers.images.devices import DeviceNode
 from managers.images.errors import ImageNotFound, ImageNotReady
 from managers.paths import Paths
 from managers.quarantine import quarantine, quarantined
@@ -70,11 +72,14 @@ class ImageDisk(Protocol):
 
 
 class ImageDisks(Protocol):
-    """What volumes need of the images subsystem: a ready image's disk, held while read."""
+    """What volumes need of the images subsystem: a ready image, held while its tree is
+    unpacked (device nodes as placeholders: they never exist on the host)."""
 
     def acquire(self, name_or_digest: str) -> ImageDisk: ...
 
     def release(self, digest: str) -> None: ...
+
+    async def unpack(self, name_or_digest: str, tree: Path) -> list[DeviceNode]: ...
 
 
 # Told of every change after it happened: ("volume.created", the volume as it then reads).
@@ -165,14 +170,14 @@ class VolumeManager:
         except ImageNotReady as error:
             raise SourceImageNotReady(request.source_image, error.message) from error
         try:
-            disk = image.disk_path
-            if disk is None:
+            if image.disk_path is None:
                 raise SourceImageNotReady(request.source_image, "it has no disk yet")
             source = VolumeSource(SourceKind.IMAGE, image.name, image.digest, request.source_path)
 
-            async def fill(tree: Path) -> Path:
-                await filesystem.extract_disk(disk, image.format, tree)
-                return await anyio.to_thread.run_sync(_subtree, tree, request.source_path)
+            async def fill(tree: Path) -> tuple[Path, list[DeviceNode]]:
+                devices = await images.unpack(image.digest, tree)
+                root = await anyio.to_thread.run_sync(_subtree, tree, request.source_path)
+                return root, _devices_under(tree, root, devices)
 
             return await self._build(request.name, request.size_mb, source, fill)
         finally:
@@ -185,7 +190,7 @@ class VolumeManager:
             raise InvalidVolumeSpec("; ".join(problems), {"problems": problems})
         limit = size_mb << 20
 
-        async def fill(tree: Path) -> Path:
+        async def fill(tree: Path) -> tuple[Path, list[DeviceNode]]:
             spool = tree.parent / "archive.tar"
             received = 0
             with open(spool, "wb") as out:  # noqa: ASYNC230 (written chunk by chunk in a thread)
@@ -202,7 +207,7 @@ class VolumeManager:
             finally:
                 stop.set()
                 await anyio.to_thread.run_sync(spool.unlink, True)
-            return tree
+            return tree, []  # an archive's device nodes are refused
 
         return await self._build(name, size_mb, VolumeSource(SourceKind.ARCHIVE), fill)
 
@@ -211,7 +216,7 @@ class VolumeManager:
         name: str,
         size_mb: int,
         source: VolumeSource,
-        fill: Callable[[Path], Awaitable[Path]] | None,
+        fill: Callable[[Path], Awaitable[tuple[Path, builtins.list[DeviceNode]]]] | None,
     ) -> Volume:
         volume_id = self._reserve(name)
         record = VolumeRecord(
@@ -230,8 +235,8 @@ class VolumeManager:
                 scratch = await anyio.to_thread.run_sync(self._store.scratch, volume_id)
                 tree = scratch / "tree"
                 await anyio.to_thread.run_sync(tree.mkdir, 0o700)
-                tree = await fill(tree)
-                await filesystem.format_from_tree(data, tree, size_mb)
+                tree, devices = await fill(tree)
+                await filesystem.format_from_tree(data, tree, size_mb, devices)
             failpoint("volume.formatted")
             await anyio.to_thread.run_sync(self._store.commit, staging, record)
             staging = None
@@ -417,6 +422,18 @@ class VolumeManager:
     def _changed(self, kind: str, volume: Volume) -> None:
         if self._on_change is not None:
             self._on_change(kind, volume)
+
+
+def _devices_under(tree: Path, root: Path, devices: list[DeviceNode]) -> list[DeviceNode]:
+    """The device nodes inside ``root`` (a folder of ``tree``), named relative to it."""
+    prefix = root.relative_to(tree).as_posix()
+    if prefix == ".":
+        return devices
+    return [
+        replace(node, rel=node.rel[len(prefix) + 1 :])
+        for node in devices
+        if node.rel.startswith(prefix + "/")
+    ]
 
 
 def _subtree(tree: Path, path: str) -> Path:

@@ -42,6 +42,8 @@ from managers.images.scratch import unpacked_estimate
 from managers.images.types import Image
 from managers.images.unpack import Unpacker
 from managers.paths import Paths
+from managers.volumes import CreateVolume, VolumeManager
+from managers.volumes import filesystem as volume_filesystem
 from tests.support.oci_builder import (
     STANDARD_TREE,
     BuiltImage,
@@ -408,6 +410,33 @@ async def test_device_nodes_reach_the_disk_but_never_the_host(
     assert ready.disk_path is not None
     nodes = _device_nodes(ready.disk_path, fmt, tmp_path / "mnt")
     assert nodes == {"null": ("char", 1, 3, 0o666), "sda": ("block", 8, 0, 0o660)}
+
+
+async def test_a_volume_filled_from_an_image_gets_its_device_nodes_none_on_the_host(
+    tmp_path: Path, registry: LocalRegistry, pusher: Pusher
+) -> None:
+    layer = LayerBuilder().dir("dev").device("dev/null", 1, 3).file("etc/motd", b"hi\n")
+    pusher.image("test/devvol", "v1", make_image([layer.build()]))
+    root = tmp_path / "data"
+    seen: list[os.stat_result] = []
+    original = volume_filesystem.format_from_tree
+
+    async def spying(path: Path, tree: Path, *args: object, **kwargs: object) -> None:
+        await anyio.to_thread.run_sync(lambda: seen.extend(p.lstat() for p in tree.rglob("*")))
+        await original(path, tree, *args, **kwargs)  # type: ignore[arg-type]
+
+    async with _manager(root, registry) as images:
+        image = await images.request(f"{registry.host}/test/devvol:v1")
+        ready, _ = await _finish(images, image.digest)
+        assert ready.status is ImageStatus.READY
+        async with VolumeManager(Paths(root), images=images) as volumes:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(volume_filesystem, "format_from_tree", spying)
+                volume = await volumes.create(CreateVolume("withdev", 64, ready.name))
+            data = Paths(root).volume_data(volume.id)
+            assert seen
+            assert not any(stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) for st in seen)
+            assert _device_nodes(data, "ext4", tmp_path / "mnt") == {"null": ("char", 1, 3, 0o666)}
 
 
 def _device_nodes(disk: Path, fmt: str, mnt: Path) -> dict[str, tuple[str, int, int, int]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from managers.images.devices import DeviceNode
 from managers.images.errors import ImageNotFound
 from managers.paths import Paths
 from managers.volumes import (
@@ -50,10 +51,11 @@ class _Image:
 
 
 class _Images:
-    """The images port: one erofs image made from a tree, and how often it is held."""
+    """The images port: one image, the tree it was made from, and how often it is held."""
 
-    def __init__(self, image: _Image) -> None:
+    def __init__(self, image: _Image, tree: Path | None = None) -> None:
         self.image = image
+        self.tree = tree
         self.held = 0
 
     def acquire(self, name_or_digest: str) -> _Image:
@@ -64,6 +66,17 @@ class _Images:
 
     def release(self, digest: str) -> None:
         self.held -= 1
+
+    async def unpack(self, name_or_digest: str, tree: Path) -> list[DeviceNode]:
+        """The image's tree, as the image manager unpacks it: a copy of the tree its disk was
+        made from."""
+        assert self.held > 0, "unpacked while held"
+        source = self.tree
+        assert source is not None
+        await anyio.to_thread.run_sync(
+            lambda: shutil.copytree(source, tree, symlinks=True, dirs_exist_ok=True)
+        )
+        return []
 
 
 def _files(disk: Path, path: str = "/") -> dict[str, str]:
@@ -127,7 +140,7 @@ def image(tmp_path: Path) -> _Images:
     (tree / "big" / "blob").write_bytes(os.urandom(12 << 20))
     disk = tmp_path / "rootfs.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(disk), str(tree)], check=True)
-    return _Images(_Image("registry.test/app:1", "sha256:" + "a" * 64, "erofs", disk))
+    return _Images(_Image("registry.test/app:1", "sha256:" + "a" * 64, "erofs", disk), tree)
 
 
 @pytest.fixture
