@@ -160,9 +160,7 @@ def fill(
     print(f"\n== fill a volume from a {size} MB image ==")
     print(f"{'mkfs.ext4 -d of the tree by hand':<36}{by_hand:8.2f} s")
     print(f"{'POST /volumes with source.image':<36}{api:8.2f} s")
-    print(
-        f"API / by hand: {api / by_hand:.2f} (the API also copies the tree out of the image disk)"
-    )
+    print(f"API / by hand: {api / by_hand:.2f} (the API also unpacks the image's layers first)")
 
 
 def attach(

@@ -467,6 +467,40 @@ def _device_nodes(disk: Path, fmt: str, mnt: Path) -> dict[str, tuple[str, int, 
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+async def test_a_layer_of_fifty_thousand_small_files_builds_whole(
+    manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
+) -> None:
+    layer = LayerBuilder().dir("node_modules")
+    for n in range(50_000):
+        if n % 100 == 0:
+            layer.dir(f"node_modules/pkg{n // 100}")
+        layer.file(f"node_modules/pkg{n // 100}/f{n}.js", b"module.exports = %d;\n" % n)
+    pusher.image("test/many", "v1", make_image([layer.build(level=1)]))
+    image, _ = await _finish(
+        manager, (await manager.request(f"{registry.host}/test/many:v1")).digest
+    )
+    assert image.status is ImageStatus.READY, image.error
+    assert image.disk_path is not None
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount the disk and count its files")
+    count, last = await anyio.to_thread.run_sync(_count_modules, image.disk_path, tmp_path / "mnt")
+    assert count == 50_000
+    assert last == b"module.exports = 49999;\n"
+
+
+def _count_modules(disk: Path, mnt: Path) -> tuple[int, bytes]:
+    """How many ``.js`` files the erofs ``disk`` holds, and the last one's content."""
+    mnt.mkdir()
+    subprocess.run(
+        ["mount", "-t", "erofs", "-o", "loop,ro,nodev,nosuid", str(disk), str(mnt)], check=True
+    )
+    try:
+        count = sum(1 for _ in (mnt / "node_modules").rglob("*.js"))
+        return count, (mnt / "node_modules/pkg499/f49999.js").read_bytes()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 async def test_images_that_differ_only_in_config_share_one_disk(
     manager: ImageManager, registry: LocalRegistry, pusher: Pusher, tmp_path: Path
 ) -> None:
