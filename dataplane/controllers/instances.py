@@ -254,37 +254,43 @@ async def _raw_log(
 async def _raw_chunks(
     manager: InstanceManager, instance_id: str, source: str, first: int, end: int | None
 ) -> AsyncIterator[bytes]:
+    """The bytes from ``first`` to ``end`` (or the log's end), contiguous. Bytes rotated away
+    meanwhile end the stream early: a range's answer is then short of its length (clients see
+    a broken transfer, never wrong bytes), and a follow (``end`` None) moves on past them."""
     log_file = await manager.log_for(instance_id, source)
     position = first
     while end is None or position < end:
         size = RAW_CHUNK if end is None else min(RAW_CHUNK, end - position)
-        data = await anyio.to_thread.run_sync(log_file.read_bytes, position, size)
-        if not data:
+        start, data = await anyio.to_thread.run_sync(log_file.read_bytes, position, size)
+        if not data or (start != position and end is not None):
             return
-        position += len(data)
+        position = start + len(data)
         yield data
 
 
 async def _raw_follow(
     manager: InstanceManager, instance_id: str, source: str, first: int, _end: int | None
 ) -> AsyncIterator[bytes]:
-    """The bytes from ``first`` on as they are written, until nothing more will be."""
+    """The bytes from ``first`` on as they are written, until nothing more will be; past any
+    bytes rotated away while the reader was behind."""
+    log_file = await manager.log_for(instance_id, source)
     position = first
+    finished = False
     while True:
-        sent = position
-        async for data in _raw_chunks(manager, instance_id, source, position, None):
-            position += len(data)
+        start, data = await anyio.to_thread.run_sync(log_file.read_bytes, position, RAW_CHUNK)
+        if data:
+            position = start + len(data)
             yield data
-        if position > sent:
             continue
+        if finished:
+            return
         try:
             done = await manager.finished(instance_id)
         except InstanceNotFound:
             return
         if done is not None:
-            async for data in _raw_chunks(manager, instance_id, source, position, None):
-                yield data
-            return
+            finished = True  # one more pass for what the pump copied last
+            continue
         with anyio.move_on_after(RAW_POLL_SECONDS):
             await (
                 anyio.sleep_forever()

@@ -13,6 +13,8 @@ on the disk itself:
   ``readdir``'s ``d_type`` says regular and ``stat`` says device; tools that trust ``d_type``
   alone (few do for devices) would be misled. mkfs.erofs 1.5 has no device table to do better.
 - **ext4:** ``debugfs`` removes the placeholder and makes the node, with its mode and owner.
+  A hard link to a device becomes a device of its own there (debugfs makes no links to one);
+  on erofs the names share the inode, as in the layer.
 
 An image may hold at most :data:`MAX_DEVICE_NODES` of them (real images hold none, or a few
 under ``/dev``).
@@ -25,7 +27,7 @@ import re
 import stat
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import BuildFailed
@@ -48,6 +50,7 @@ class DeviceNode:
     minor: int
     mode: int  # permission bits, setuid/setgid/sticky included
     ino: int  # the placeholder's inode in the unpacked tree
+    mtime_ns: int  # and its mtime: with the inode, what tells it from a file made later
 
     @property
     def type_bits(self) -> int:
@@ -55,15 +58,34 @@ class DeviceNode:
 
 
 def still_there(root: Path, nodes: list[DeviceNode]) -> list[DeviceNode]:
-    """The nodes whose placeholder a later layer did not remove or replace."""
+    """The nodes whose placeholder a later layer did not remove or replace, and the other
+    names a hard link gave a placeholder (each its own node: a device's links are devices)."""
     kept = []
+    linked: set[int] = set()
     for node in nodes:
         try:
             st = os.lstat(root / node.rel)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        if st.st_ino == node.ino and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        if (
+            st.st_ino == node.ino
+            and st.st_mtime_ns == node.mtime_ns
+            and stat.S_ISREG(st.st_mode)
+            and st.st_size == 0
+        ):
             kept.append(node)
+            if st.st_nlink > 1:
+                linked.add(st.st_ino)
+    if linked:
+        names = {n.rel for n in kept}
+        by_ino = {n.ino: n for n in kept}
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                rel = os.path.relpath(path, root)
+                if st.st_ino in linked and rel not in names:
+                    kept.append(replace(by_ino[st.st_ino], rel=rel))
     return kept
 
 
@@ -71,6 +93,8 @@ def apply_to_erofs(disk: Path, nodes: list[DeviceNode]) -> None:
     """Turn each node's placeholder inode on the erofs ``disk`` into the device."""
     if not nodes:
         return
+    # Hard-linked names share an inode on erofs: patch each inode once.
+    nodes = list({node.ino: node for node in nodes}.values())
     nids = [_erofs_nid(disk, node.rel) for node in nodes]
     with disk.open("r+b") as handle:
         handle.seek(_SUPERBLOCK)
@@ -109,7 +133,7 @@ def apply_to_ext4(disk: Path, nodes: list[DeviceNode], owners: dict[str, tuple[i
     lines = []
     for node in nodes:
         path = "/" + node.rel
-        if any(ch in path for ch in ' "\n\\'):
+        if any(ch in ' "\\' or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
             raise BuildFailed(f"device node path {path!r} cannot be written to an ext4 disk")
         uid, gid = owners[node.rel]
         parent, _, base = path.rpartition("/")

@@ -56,7 +56,8 @@ def chain_id(layer_digests: Sequence[str], fmt: DiskFormat) -> str:
 def link_disk(shared: Path, dest: Path) -> int:
     """Make ``dest`` a second name of the disk ``shared`` (a hard link: the filesystem counts
     the names, and the blocks go with the last); return the disk's size in bytes."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    # Named like every temporary (``.*.tmp``), so start-up removes one a crash left behind.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link.tmp")
     tmp.unlink(missing_ok=True)
     os.link(shared, tmp)
     try:

@@ -102,7 +102,7 @@ class _Counter:
 
 async def _run_stoppable(
     work: Callable[[threading.Event], T],
-    run: Callable[[Callable[[], None]], Awaitable[None]] | None = None,
+    run: Callable[[Callable[[], None], threading.Event], Awaitable[None]] | None = None,
 ) -> T:
     """Run ``work(stop)`` in a thread (through ``run``, given the runner: a registry thread);
     on cancellation set ``stop`` and wait for it to return."""
@@ -123,7 +123,7 @@ async def _run_stoppable(
         if run is None:
             await anyio.to_thread.run_sync(runner, abandon_on_cancel=True)
         else:
-            await run(runner)
+            await run(runner, stop)
     except anyio.get_cancelled_exc_class():
         stop.set()
         with anyio.CancelScope(shield=True):
@@ -384,9 +384,7 @@ class ImageManager:
         if known is not None and known.image.status != ImageStatus.FAILED:
             return await self._reuse(known, ref.name, fmt)
         try:
-            resolved = await self._registry_threads.run(
-                ref.api_host, partial(self._resolve, ref), abandon_on_cancel=True
-            )
+            resolved = await self._registry_threads.run(ref.api_host, partial(self._resolve, ref))
         except RegistryUnreachable:
             # Offline node, image already here: serve what we have rather than fail.
             digest = self._tags.get(ref.name)
@@ -571,9 +569,9 @@ class ImageManager:
             # One build per chain at a time: a second image of the same layers waits, then
             # takes the first one's disk.
             async with self._chain_lock(chain):
-                shared = await self._shared_disk(chain, digest)
-                if shared is not None:
-                    size = await anyio.to_thread.run_sync(disk.link_disk, shared, dest)
+                linked = await self._link_shared(chain, digest, dest)
+                if linked is not None:
+                    size = linked
                 else:
                     tree, devices = await self._unpack(entry, manifest, trees)
                     failpoint("image.unpacked")
@@ -581,9 +579,10 @@ class ImageManager:
                         entry, status=ImageStatus.CONVERTING, progress=Progress("converting")
                     )
                     size = await disk.build_disk(tree, dest, entry.image.format, devices)
+                # Inside the lock: the next build of this chain finds this disk, ready or not.
+                entry.record = replace(entry.record, chain=chain)
             # The disk is complete under its final name; the record does not say ready yet.
             failpoint("image.disk_written")
-            entry.record = replace(entry.record, chain=chain)
         except ImageError as exc:
             reason, code = str(exc), exc.code
         except OSError as exc:
@@ -619,19 +618,25 @@ class ImageManager:
             if not lock.statistics().tasks_waiting and not lock.locked():
                 self._chain_locks.pop(chain, None)
 
-    async def _shared_disk(self, chain: str, digest: str) -> Path | None:
-        """The disk of another ready image of the same layer chain and format, if any."""
+    async def _link_shared(self, chain: str, digest: str, dest: Path) -> int | None:
+        """Make ``dest`` a name of another image's disk of the same layer chain (and so
+        format); its size, or None when there is none to share.
+
+        A disk under its final name is complete, whether its image reads ready yet or not. A
+        disk removed meanwhile (its image deleted or evicted, which do not take the chain's
+        lock) is passed over."""
         candidates = [
-            other.image.disk_path
+            self._paths.image_disk(other.image.digest, other.image.format)
             for other in self._entries.values()
             if other.image.digest != digest
             and other.record.chain == chain
-            and other.image.status == ImageStatus.READY
-            and other.image.disk_path is not None
+            and other.image.status != ImageStatus.FAILED
         ]
-        for path in candidates:
-            if await anyio.to_thread.run_sync(path.is_file):
-                return path
+        for shared in candidates:
+            try:
+                return await anyio.to_thread.run_sync(disk.link_disk, shared, dest)
+            except FileNotFoundError:
+                continue
         return None
 
     async def _fail(self, entry: _Entry, reason: str, code: str) -> None:
@@ -727,11 +732,11 @@ class ImageManager:
 
     def _registry_runner(
         self, client: RegistryClient
-    ) -> Callable[[Callable[[], None]], Awaitable[None]]:
+    ) -> Callable[[Callable[[], None], threading.Event], Awaitable[None]]:
         """How a stoppable registry call gets its thread: from the registry's own share."""
 
-        async def run(fn: Callable[[], None]) -> None:
-            await self._registry_threads.run(client.ref.api_host, fn, abandon_on_cancel=True)
+        async def run(fn: Callable[[], None], stop: threading.Event) -> None:
+            await self._registry_threads.run(client.ref.api_host, fn, stop=stop)
 
         return run
 

@@ -120,8 +120,9 @@ class Unpacker:
     unpacked: int = 0
     _dirs: dict[Path, _DirMeta] = field(default_factory=dict)
     _resolved: dict[str, Path] = field(default_factory=dict)
-    devices: list[DeviceNode] = field(default_factory=list)
-    """Device nodes met so far, each an empty placeholder file in the tree (devices.py)."""
+    _devices: dict[str, DeviceNode] = field(default_factory=dict)
+    """The device nodes the tree holds so far, by real path, each an empty placeholder file;
+    :meth:`_remove` forgets the ones it takes away."""
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -158,7 +159,7 @@ class Unpacker:
                 if stat.S_ISDIR(os.lstat(path).st_mode):
                     os.chmod(path, meta.mode)
                     os.utime(path, (meta.mtime, meta.mtime), follow_symlinks=False)
-        return still_there(self.root, self.devices)
+        return still_there(self.root, list(self._devices.values()))
 
     # -- one tar entry -------------------------------------------------------
     def _apply_member(
@@ -214,23 +215,25 @@ class Unpacker:
             return  # a hardlink shares its target's inode: metadata is already set
         elif member.ischr() or member.isblk():
             # Never a live node on the host: an inert placeholder, made a device on the disk.
-            if len(self.devices) >= MAX_DEVICE_NODES:
+            if len(self._devices) >= MAX_DEVICE_NODES:
                 raise BuildFailed(f"the image holds more than {MAX_DEVICE_NODES} device nodes")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.close(fd)
-            self.devices.append(
-                DeviceNode(
-                    rel=rel,
-                    char=member.ischr(),
-                    major=member.devmajor,
-                    minor=member.devminor,
-                    mode=stat.S_IMODE(member.mode),
-                    ino=os.lstat(path).st_ino,
-                )
-            )
             self._chown(path, member)
             self._xattrs(path, member)
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            st = os.lstat(path)
+            # By its real place in the tree (a symlinked folder on the way is resolved).
+            real = os.path.relpath(path, self.root)
+            self._devices[real] = DeviceNode(
+                rel=real,
+                char=member.ischr(),
+                major=member.devmajor,
+                minor=member.devminor,
+                mode=stat.S_IMODE(member.mode),
+                ino=st.st_ino,
+                mtime_ns=st.st_mtime_ns,
+            )
             return
         elif member.isfifo():
             os.mkfifo(path, stat.S_IMODE(member.mode))
@@ -286,6 +289,12 @@ class Unpacker:
 
     # -- removal -------------------------------------------------------------
     def _remove(self, path: Path) -> None:
+        if self._devices:
+            # A node whose placeholder goes (whiteout, opaque folder, or an entry taking its
+            # place) is gone from the image.
+            gone = os.path.relpath(path, self.root)
+            for rel in [r for r in self._devices if r == gone or r.startswith(gone + "/")]:
+                del self._devices[rel]
         try:
             st = os.lstat(path)
         except FileNotFoundError:

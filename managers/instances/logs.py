@@ -239,18 +239,20 @@ class SegmentedLog:
                     break
         return lines, position
 
-    def read_bytes(self, offset: int, limit: int) -> bytes:
-        """Up to ``limit`` bytes exactly as written, from global ``offset`` on.
-
-        Empty at the end; a read from an offset rotated away starts at the oldest byte kept,
-        so callers that must know check :meth:`start` first."""
+    def read_bytes(self, offset: int, limit: int) -> tuple[int, bytes]:
+        """Up to ``limit`` bytes exactly as written, contiguous, and the global offset of the
+        first: ``offset``, or later when the bytes there were rotated away (the caller sees
+        the gap). Empty at the end."""
         out = bytearray()
         position = offset
+        first: int | None = None
         for segment in self._segments():
             if len(out) >= limit:
                 break
-            position = max(position, segment.start)
             end = segment.start + segment.size()
+            if first is not None and segment.start != position:
+                break  # a segment went between two reads: stop at the gap
+            position = max(position, segment.start)
             if position >= end:
                 continue
             try:
@@ -258,10 +260,14 @@ class SegmentedLog:
                     handle.seek(position - segment.start)
                     data = handle.read(min(end - position, limit - len(out)))
             except FileNotFoundError:
+                if first is not None:
+                    break
                 continue
+            if first is None:
+                first = position
             out += data
             position += len(data)
-        return bytes(out)
+        return (offset if first is None else first), bytes(out)
 
     def resume(self, offset: int) -> Resume:
         """Where to continue for a client that saw everything before ``offset``.

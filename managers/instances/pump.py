@@ -159,9 +159,21 @@ class _SerialScanner:
                 kept.append(raw)
         out = b"".join(line + b"\n" for line in kept)
         if len(self.partial) > MAX_PENDING:
+            if self.blank:  # the blank line came first
+                out += b"\n"
+                self.blank = False
             out += self.partial
             self.partial = b""
         return out, markers
+
+    def pending(self) -> bytes:
+        """What is held back: a blank line and a line without its newline yet."""
+        return (b"\n" if self.blank else b"") + self.partial
+
+    def restore(self, pending: bytes) -> None:
+        """Hold back ``pending`` again (what :meth:`pending` said before a restart)."""
+        self.blank = pending.startswith(b"\n")
+        self.partial = pending[1:] if self.blank else pending
 
 
 class LogPump:
@@ -203,11 +215,17 @@ class LogPump:
         if isinstance(data, dict):
             for name, source in self._sources().items():
                 source.restore(data.get(name) or {})
+            pending = data.get("serial_pending")
+            if isinstance(pending, str):
+                # What was read but held back is past the saved offset: keep it held.
+                self._scanner.restore(pending.encode("latin-1", "replace"))
 
     def _save(self) -> None:
-        write_json_atomic(
-            self._state_file, {name: source.state() for name, source in self._sources().items()}
-        )
+        state: dict[str, object] = {
+            name: source.state() for name, source in self._sources().items()
+        }
+        state["serial_pending"] = self._scanner.pending().decode("latin-1")
+        write_json_atomic(self._state_file, state)
 
     @property
     def booting(self) -> bool:
@@ -222,6 +240,9 @@ class LogPump:
         had, and a new boot's output the same length as the old would then never be read.
         """
         with self._lock:
+            # The old VMM's last serial line, if it never ended, is as complete as it will be.
+            if self._scanner.partial:
+                self._console_log.append(self._scanner.partial + b"\n")
             self._serial.reset()
             self._scanner.reset()
             self._output.reset()
@@ -341,6 +362,9 @@ class PumpSet:
         Waits at most for that one pump's pass, never for the rest of a batch."""
         with self._guard:
             self._pumps.pop(key, None)
+        copied = self._copied.pop(key, None)
+        if copied is not None:
+            copied.set()  # a follower waiting for it looks again (and finds why it ended)
         while self._current == key:  # noqa: ASYNC110 - set by the worker thread
             await anyio.sleep(0.001)
 

@@ -15,7 +15,7 @@ from managers.volumes import mount_path_problems, normal_mount_path
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# app: the program's output (the guest's virtio console); console: the guest's serial port (the
+# app: the program's output (the guest's output channel); console: the guest's serial port (the
 # kernel, the init) without the init's markers; vmm: the VMM process; dataplane: this service's
 # lines about the instance, the guest's markers among them. The pump writes the first three.
 PUMPED_SOURCES = ("app", "console", "vmm")

@@ -24,7 +24,7 @@ import anyio
 from managers.clock import now_iso
 from managers.failpoints import failpoint
 from managers.images.devices import DeviceNode
-from managers.images.errors import ImageNotFound, ImageNotReady
+from managers.images.errors import ImageError, ImageNotFound, ImageNotReady
 from managers.paths import Paths
 from managers.quarantine import quarantine, quarantined
 from managers.volumes import archive, filesystem
@@ -32,6 +32,7 @@ from managers.volumes.errors import (
     InvalidVolumeSpec,
     SourceImageMissing,
     SourceImageNotReady,
+    VolumeBuildFailed,
     VolumeExists,
     VolumeInUse,
     VolumeNotFound,
@@ -175,7 +176,11 @@ class VolumeManager:
             source = VolumeSource(SourceKind.IMAGE, image.name, image.digest, request.source_path)
 
             async def fill(tree: Path) -> tuple[Path, list[DeviceNode]]:
-                devices = await images.unpack(image.digest, tree)
+                try:
+                    devices = await images.unpack(image.digest, tree)
+                except ImageError as error:
+                    # The image built from these very layers: whatever fails now is ours.
+                    raise VolumeBuildFailed(f"unpacking {image.name}: {error.message}") from error
                 root = await anyio.to_thread.run_sync(_subtree, tree, request.source_path)
                 return root, _devices_under(tree, root, devices)
 

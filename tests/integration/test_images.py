@@ -380,9 +380,12 @@ async def test_device_nodes_reach_the_disk_but_never_the_host(
         .device("dev/null", 1, 3)
         .device("dev/sda", 8, 0, char=False, mode=0o660)
         .device("dev/gone", 1, 5)
+        .device("dev/replaced", 1, 7)
+        .hardlink("dev/null2", "dev/null")
         .file("etc/hostname", b"box\n")
         .build(),
-        LayerBuilder().whiteout("dev/gone").build(),
+        # A later layer removes one node and puts an empty file where another was.
+        LayerBuilder().whiteout("dev/gone").file("dev/replaced", b"").build(),
     ]
     pusher.image("test/devices", fmt, make_image(layers))
     root = tmp_path / "data"
@@ -409,7 +412,12 @@ async def test_device_nodes_reach_the_disk_but_never_the_host(
     assert not any(stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) for st in seen)
     assert ready.disk_path is not None
     nodes = _device_nodes(ready.disk_path, fmt, tmp_path / "mnt")
-    assert nodes == {"null": ("char", 1, 3, 0o666), "sda": ("block", 8, 0, 0o660)}
+    assert nodes == {
+        "null": ("char", 1, 3, 0o666),
+        "null2": ("char", 1, 3, 0o666),  # a hard link to a device is one too
+        "sda": ("block", 8, 0, 0o660),
+        "replaced": ("file", 0, 0, 0o644),
+    }
 
 
 async def test_a_volume_filled_from_an_image_gets_its_device_nodes_none_on_the_host(
@@ -454,7 +462,11 @@ def _device_nodes(disk: Path, fmt: str, mnt: Path) -> dict[str, tuple[str, int, 
         for path in (mnt / "dev").iterdir():
             st = path.lstat()
             kind = (
-                "char" if stat.S_ISCHR(st.st_mode) else "block" if stat.S_ISBLK(st.st_mode) else "?"
+                "char"
+                if stat.S_ISCHR(st.st_mode)
+                else "block"
+                if stat.S_ISBLK(st.st_mode)
+                else "file"
             )
             found[path.name] = (
                 kind,
@@ -510,16 +522,19 @@ async def test_images_that_differ_only_in_config_share_one_disk(
         variant = make_image(layers, config={"Entrypoint": [f"/app/run-{n}"], "Env": [f"N={n}"]})
         pusher.image("test/variant", f"v{n}", variant)
         names.append(f"{registry.host}/test/variant:v{n}")
-    first, statuses = await _finish(manager, (await manager.request(names[0])).digest)
-    assert ImageStatus.UNPACKING in statuses
-    others = []
-    for name in names[1:]:
+    # Two at once (the second waits for the first's disk), then two one after the other.
+    requested = [await manager.request(name) for name in names[:2]]
+    first, _ = await _finish(manager, requested[0].digest)
+    second, _ = await _finish(manager, requested[1].digest)
+    others = [second]
+    for name in names[2:]:
         image, statuses = await _finish(manager, (await manager.request(name)).digest)
-        assert image.status is ImageStatus.READY
         assert ImageStatus.UNPACKING not in statuses, "no unpack, no mkfs: the disk is shared"
-        assert image.config is not None
-        assert image.config.entrypoint == (f"/app/run-{names.index(name)}",)
         others.append(image)
+    for n, image in enumerate([first, *others]):
+        assert image.status is ImageStatus.READY
+        assert image.config is not None
+        assert image.config.entrypoint == (f"/app/run-{n}",)
     assert first.disk_path is not None
     inodes = {os.stat(i.disk_path).st_ino for i in [first, *others] if i.disk_path}
     assert len(inodes) == 1

@@ -559,7 +559,7 @@ def test_raw_ranges_are_exact_bytes_by_offset(world: World) -> None:
     kept = refused.json()["details"]["kept_from"]
     assert kept > 0
     assert kept == log.start()
-    assert raw(f"bytes={kept}-{kept + 9}").content == log.read_bytes(kept, 10)
+    assert raw(f"bytes={kept}-{kept + 9}").content == log.read_bytes(kept, 10)[1]
     world.client.delete(f"/instances/{instance['id']}")
 
 

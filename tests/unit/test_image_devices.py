@@ -25,7 +25,8 @@ def test_a_placeholder_in_the_superblock_block_keeps_the_checksum_right(tmp_path
     placeholder.touch(0o600)
     disk = tmp_path / "disk.erofs"
     subprocess.run(["mkfs.erofs", "--quiet", str(disk), str(tree)], check=True)
-    node = DeviceNode("null", True, 1, 3, 0o666, placeholder.stat().st_ino)
+    st = placeholder.stat()
+    node = DeviceNode("null", True, 1, 3, 0o666, st.st_ino, st.st_mtime_ns)
     apply_to_erofs(disk, [node])
     block = disk.read_bytes()[:4096]
     _magic, stored, compat = struct.unpack_from("<III", block, 1024)

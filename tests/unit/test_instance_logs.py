@@ -215,6 +215,30 @@ def test_new_vmm_files_are_read_from_their_start_even_with_the_old_inodes(
     assert logged(tmp_path, "app") == b"first boot\nagain boot\n"
 
 
+def test_a_serial_line_cut_by_a_restart_is_still_read_whole(tmp_path: Path) -> None:
+    serial = tmp_path / "serial.raw"
+    serial.write_bytes(b"[ 1.0] kernel\n\n@@dataplane-guest@@ program-exi")
+    pump_in(tmp_path).drain()
+    with serial.open("ab") as handle:
+        handle.write(b"ted code=5\n")
+    restarted = pump_in(tmp_path)  # a new dataplane: only pump.json carries the first half
+    restarted.drain()
+    assert restarted.status.exit_code == 5
+    assert logged(tmp_path, "console") == b"[ 1.0] kernel\n"
+
+
+def test_raw_reads_are_contiguous_and_say_where_they_start(tmp_path: Path) -> None:
+    log = SegmentedLog(tmp_path, "app", segment_bytes=100, keep=3)
+    for n in range(50):
+        log.append(b"%09d\n" % n)
+    kept = log.start()
+    assert kept > 0, "rotated"
+    start, data = log.read_bytes(0, 30)
+    assert start == kept, "bytes rotated away are skipped, and the caller is told"
+    assert data == b"".join(b"%09d\n" % n for n in range(kept // 10, kept // 10 + 3))
+    assert log.read_bytes(log.end(), 10) == (log.end(), b"")
+
+
 def test_a_restarted_pump_continues_where_the_last_stopped(tmp_path: Path) -> None:
     console = tmp_path / "output.raw"
     console.write_bytes(b"one\n")

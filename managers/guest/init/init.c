@@ -1016,6 +1016,10 @@ static long agent_restart_due(void)
 /* How long the relay lets a short read's pipe fill before it reads again: what it adds to the
  * latency of a line. */
 #define RELAY_GATHER_MS 50
+/* How long one relay pass may take before the init looks at its other work. */
+#define RELAY_PASS_MS 20
+/* What one read takes from the pipe when the channel is the serial port (0.33 MB/s). */
+#define RELAY_SERIAL_READ 4096
 /* Room for what a program writes while the relay gathers (a full pipe blocks the program). */
 #define RELAY_PIPE_BYTES (1024 * 1024)
 /* How long the output port may take to be announced. */
@@ -1023,18 +1027,22 @@ static long agent_restart_due(void)
 
 struct relay {
     int in;      /* the pipe's read end, -1 once it reached its end */
-    int out; /* the output channel, -1 without one */
+    int out;     /* the output channel, -1 without one */
+    size_t read; /* bytes taken from the pipe at a time: RELAY_CHUNK, less on the serial port */
 };
 
-/* Move what the pipe holds to the channel, at most `budget` bytes (so that a program that
- * never stops writing cannot keep the init from its other work).  Returns -1 once the pipe
- * reached its end (every writer is gone), else how many bytes it moved. */
+/* Move what the pipe holds to the channel, at most `budget` bytes and for about
+ * RELAY_PASS_MS (so that a program that never stops writing, or a slow channel, cannot keep
+ * the init from the power button and its children).  Returns -1 once the pipe reached its
+ * end (every writer is gone), else how many bytes it moved. */
 static ssize_t relay_some(struct relay *r, size_t budget)
 {
     static char buf[RELAY_CHUNK];
     size_t moved = 0;
-    while (r->in >= 0 && budget > 0) {
-        ssize_t n = read(r->in, buf, sizeof buf < budget ? sizeof buf : budget);
+    long until = now_ms() + RELAY_PASS_MS;
+    while (r->in >= 0 && budget > 0 && (moved == 0 || now_ms() < until)) {
+        size_t want = r->read < budget ? r->read : budget;
+        ssize_t n = read(r->in, buf, want);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EAGAIN)
@@ -1240,7 +1248,7 @@ static int run_program(const struct config *cfg)
     /* The channel itself is opened once the program runs (below): its module and the port's
      * announcement then cost the boot nothing, and the pipe holds what the program writes
      * meanwhile. */
-    struct relay relay = {.in = -1, .out = -1};
+    struct relay relay = {.in = -1, .out = -1, .read = RELAY_CHUNK};
     int output[2] = {-1, -1};
     if (cfg->output && pipe2(output, O_CLOEXEC) == 0) {
         relay.in = output[0];
@@ -1277,8 +1285,10 @@ static int run_program(const struct config *cfg)
     if (relay.in >= 0) {
         relay.out = open_program_output(cfg);
         /* A channel that never appeared: the serial port still shows the output. */
-        if (relay.out < 0)
+        if (relay.out < 0) {
             relay.out = dup(STDOUT_FILENO);
+            relay.read = RELAY_SERIAL_READ;
+        }
     }
     load_modules(NULL);
     /* After the late modules: its transport needs virtio_console or vsock. */
