@@ -351,12 +351,7 @@ class ImageManager:
         entry = self._lookup(name_or_digest)
         if entry.image.status != ImageStatus.READY:
             raise ImageNotReady(f"image {entry.image.name} is {entry.image.status}")
-        platform_digest = entry.record.platform_manifest or entry.image.digest
-        raw = await anyio.to_thread.run_sync(self._layout.read_blob, platform_digest)
-        manifest = to_oci_manifest(raw, media_type_of(load_json(raw, "manifest"), None))
-        layers = [
-            (self._layout.blob_path(m.descriptor.digest), m.compression) for m in manifest.layers
-        ]
+        layers = self._layer_files(await self._platform_manifest(entry.record))
 
         def work(stop: threading.Event) -> builtins.list[DeviceNode]:
             unpacker = Unpacker(tree, stop, max_bytes=self._max_unpacked_bytes)
@@ -656,17 +651,27 @@ class ImageManager:
                     )
             await self._set(entry, status=ImageStatus.FAILED, error=reason, disk_path=None)
 
+    async def _platform_manifest(self, record: Record) -> ImageManifest:
+        """The image's manifest for this host's platform, as OCI, from the layout."""
+        digest = record.platform_manifest or record.image.digest
+        if not self._layout.has_blob(digest):
+            raise BuildFailed("the image manifest is missing from the layout; request it again")
+        raw = await anyio.to_thread.run_sync(self._layout.read_blob, digest)
+        return to_oci_manifest(raw, media_type_of(load_json(raw, "manifest"), None))
+
+    def _layer_files(self, manifest: ImageManifest) -> builtins.list[tuple[Path, str]]:
+        """Each layer's blob in the layout, and its compression, in order."""
+        return [
+            (self._layout.blob_path(m.descriptor.digest), m.compression) for m in manifest.layers
+        ]
+
     async def _fetch_content(self, entry: _Entry) -> tuple[ImageManifest, int]:
         """Everything the image needs into the layout: manifest, config, missing layers; with
         the bytes of layers downloaded."""
         record = entry.record
         await self._set(entry, status=ImageStatus.PULLING, progress=Progress("pulling"), error=None)
         platform_digest = record.platform_manifest or record.image.digest
-        if not self._layout.has_blob(platform_digest):
-            raise BuildFailed("the image manifest is missing from the layout; request it again")
-        raw = await anyio.to_thread.run_sync(self._layout.read_blob, platform_digest)
-        kind = media_type_of(load_json(raw, "manifest"), None)
-        manifest = to_oci_manifest(raw, kind)
+        manifest = await self._platform_manifest(record)
         client: RegistryClient | None = None
         if record.source == "registry":
             ref = parse_reference(record.image.name).with_digest(platform_digest)
@@ -750,9 +755,7 @@ class ImageManager:
             entry, status=ImageStatus.UNPACKING, progress=Progress("unpacking", 0, total)
         )
         counter = _Counter()
-        layers = [
-            (self._layout.blob_path(m.descriptor.digest), m.compression) for m in manifest.layers
-        ]
+        layers = self._layer_files(manifest)
 
         digest = entry.image.digest
         needed = await anyio.to_thread.run_sync(unpacked_estimate, layers)
